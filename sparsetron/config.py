@@ -1,0 +1,402 @@
+"""Typed job configuration, loaded from YAML with omegaconf structured configs.
+
+One dataclass per component. Every field carries its documentation in ``metadata["doc"]`` so that
+``sparsetron config docs`` and error messages can show it. Loading is strict: an unknown key is an error
+that names the key, the file it came from and the nearest valid key.
+
+Merge order (later wins)::
+
+    dataclass defaults < model preset < cluster YAML < run YAML < CLI ``key=value`` overrides
+
+A model preset (``model.preset: tiny``) names ``configs/model/<preset>.yaml``; its values sit just above
+the defaults, so any layer may still override single model fields.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import os
+from collections.abc import Sequence
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be loaded or does not validate; the message says what and how to fix it."""
+
+
+def knob(default: Any = MISSING, doc: str = "", *, factory: Any = MISSING) -> Any:
+    """A dataclass field with its documentation attached (read back by :func:`field_docs`)."""
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+class CPMethod(str, enum.Enum):
+    ring = "ring"
+    ulysses = "ulysses"
+    hybrid = "hybrid"
+    allgather = "allgather"
+    sparse_ring = "sparse_ring"
+
+
+class CPLayout(str, enum.Enum):
+    zigzag = "zigzag"
+    striped = "striped"
+    contiguous = "contiguous"
+
+
+class DPAlgorithm(str, enum.Enum):
+    ddp = "ddp"
+    diloco = "diloco"
+    sparseloco = "sparseloco"
+
+
+class Scheduler(str, enum.Enum):
+    local = "local"
+    torchrun = "torchrun"
+    slurm = "slurm"
+    mpi = "mpi"
+
+
+class NetworkProfile(str, enum.Enum):
+    loopback = "loopback"
+    socket = "socket"
+    ib = "ib"
+    roce = "roce"
+    efa = "efa"
+
+
+class Device(str, enum.Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the MoE decoder. Semantics follow HF Mixtral / Qwen2-MoE so checkpoints convert exactly."""
+
+    preset: str | None = knob(
+        None,
+        "Name of a preset in configs/model/ (e.g. tiny, demo, mixtral-8x7b); its values sit under this section's explicit keys.",
+    )
+    vocab_size: int = knob(256, "Vocabulary size (256 = the built-in byte-level tokenizer).")
+    dim: int = knob(128, "Hidden size of the residual stream.")
+    n_layers: int = knob(2, "Number of decoder layers.")
+    n_heads: int = knob(4, "Query heads per attention layer.")
+    n_kv_heads: int = knob(2, "Key/value heads (GQA); must divide n_heads. 1 = MQA, n_heads = MHA.")
+    head_dim: int | None = knob(None, "Per-head dimension; null means dim // n_heads.")
+    num_experts: int = knob(4, "Routed experts per MoE layer.")
+    top_k: int = knob(2, "Experts each token is routed to.")
+    expert_ffn_dim: int = knob(256, "Hidden size of each SwiGLU expert.")
+    shared_expert_ffn_dim: int = knob(0, "Hidden size of the always-on shared expert; 0 disables it.")
+    router: str = knob(
+        "softmax_topk", "Router algorithm (softmax_topk; more arrive with expert parallelism)."
+    )
+    normalize_topk: bool = knob(True, "Renormalise the top-k router weights to sum to one (Mixtral: true).")
+    rope_theta: float = knob(10000.0, "RoPE base frequency.")
+    norm_eps: float = knob(1e-6, "RMSNorm epsilon.")
+    tie_embeddings: bool = knob(False, "Share the token embedding with the LM head.")
+    max_seq_len: int = knob(
+        4096, "Longest sequence (global, before context sharding) the model is built for."
+    )
+
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel degrees. Their product (dp_replicate × dp_shard × cp) is the world size; ep folds over dp_shard × cp."""
+
+    dp_replicate: int = knob(
+        1, "Data-parallel replicas that synchronise by DDP all-reduce or the DiLoCo/SparseLoCo outer loop."
+    )
+    dp_shard: int = knob(-1, "FSDP2 shard degree inside a replica; -1 fills whatever the world size leaves.")
+    cp: int = knob(1, "Context-parallel degree: ranks that split one sequence.")
+    ep: int = knob(1, "Expert-parallel degree, folded over dp_shard × cp (must divide it).")
+    cp_method: CPMethod = knob(
+        CPMethod.ring, "Context-parallel attention: ring, ulysses, hybrid, allgather or sparse_ring."
+    )
+    cp_layout: CPLayout = knob(
+        CPLayout.zigzag, "How a sequence is split over the cp ranks: zigzag, striped or contiguous."
+    )
+    cp_block: int = knob(128, "Block size (tokens) of the striped layout.")
+    ulysses_degree: int = knob(
+        1,
+        "For cp_method=hybrid: ranks of the inner Ulysses all-to-all (node-local); the ring spans cp / ulysses_degree.",
+    )
+
+
+@dataclass
+class DPConfig:
+    """How data-parallel replicas (dp_replicate) synchronise."""
+
+    algorithm: DPAlgorithm = knob(
+        DPAlgorithm.ddp, "ddp (all-reduce every step), diloco or sparseloco (outer loop every inner_steps)."
+    )
+    inner_steps: int = knob(30, "Inner optimizer steps between outer synchronisations (DiLoCo/SparseLoCo H).")
+    topk: int = knob(64, "SparseLoCo: values kept per chunk.")
+    chunk: int = knob(4096, "SparseLoCo: elements per chunk (64×64 tiles for 2-D tensors).")
+    bits: int = knob(2, "SparseLoCo: bits per transmitted value.")
+    error_decay: float = knob(0.95, "SparseLoCo: error-feedback decay β.")
+    outer_lr: float | None = knob(
+        None, "Outer SGD learning rate; null = algorithm default (DiLoCo 0.7, SparseLoCo 1.0)."
+    )
+    outer_momentum: float | None = knob(
+        None, "Outer Nesterov momentum; null = algorithm default (DiLoCo 0.9, SparseLoCo 0)."
+    )
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation loop."""
+
+    steps: int = knob(100, "Optimizer steps to run.")
+    seed: int = knob(
+        0, "Seed for parameters, data order and dropout-free sampling; same seed, same run on every layout."
+    )
+    lr: float = knob(3e-4, "Peak AdamW learning rate.")
+    min_lr_ratio: float = knob(0.1, "Cosine schedule floor as a fraction of lr.")
+    warmup_steps: int = knob(10, "Linear warm-up steps.")
+    weight_decay: float = knob(0.1, "AdamW weight decay.")
+    grad_clip: float = knob(1.0, "Clip the global gradient norm to this; 0 disables clipping.")
+    seq_len: int = knob(2048, "Tokens per sequence (global, before context sharding).")
+    global_batch_tokens: int = knob(16384, "Tokens per optimizer step over all data-parallel ranks.")
+    micro_batch_size: int = knob(
+        1, "Sequences per rank per forward/backward; the rest is gradient accumulation."
+    )
+    run_dir: str = knob("runs/default", "Where config.yaml, metrics.jsonl and checkpoints/ are written.")
+    log_every: int = knob(1, "Print a progress line every this many steps.")
+    dp: DPConfig = knob(factory=DPConfig, doc="Data-parallel synchronisation.")
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from."""
+
+    source: str = knob(
+        "synthetic", "synthetic (generated long-context tasks) or zarr (a prepared token store)."
+    )
+    path: str | None = knob(None, "Path of the zarr token store when source=zarr.")
+    task: str = knob("passkey", "Synthetic task: passkey or associative_recall.")
+    tokenizer: str = knob("bytes", "bytes (built in) or the name/path of an installed HF tokenizer.")
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints (torch.distributed.checkpoint)."""
+
+    interval: int = knob(0, "Save every this many steps; 0 saves only at the end.")
+    keep_last: int = knob(2, "Complete checkpoints to keep; older ones are deleted.")
+    resume: bool = knob(True, "Resume from the newest complete checkpoint in the run dir when there is one.")
+    dir: str | None = knob(None, "Checkpoint directory; null means <run_dir>/checkpoints.")
+
+
+@dataclass
+class ClusterConfig:
+    """Where and how processes are started."""
+
+    scheduler: Scheduler = knob(
+        Scheduler.local, "local (this machine), torchrun (multi-node rendezvous), slurm or mpi."
+    )
+    nodes: int = knob(1, "Nodes (hosts) in the job.")
+    procs_per_node: int = knob(1, "Processes per node: one per GPU, or CPU processes.")
+    device: Device = knob(Device.auto, "auto (cuda when available, else cpu), cpu or cuda.")
+    partition: str | None = knob(None, "Slurm partition.")
+    account: str | None = knob(None, "Slurm account.")
+    time: str | None = knob(None, "Slurm time limit, e.g. 04:00:00.")
+    qos: str | None = knob(None, "Slurm QOS.")
+    constraint: str | None = knob(None, "Slurm node constraint.")
+    container_image: str | None = knob(None, "Container image for pyxis/enroot (srun --container-image).")
+    venv: str | None = knob(None, "Virtual environment to activate on every node.")
+    env: dict[str, str] = knob(factory=dict, doc="Extra environment variables for every rank.")
+    network_profile: NetworkProfile = knob(
+        NetworkProfile.loopback, "NCCL/Gloo network profile: loopback, socket, ib, roce, efa."
+    )
+    rdzv_port: int = knob(29500, "Rendezvous TCP port on the first node.")
+    max_restarts: int = knob(0, "Times a failed job is restarted from its last checkpoint.")
+
+
+@dataclass
+class Config:
+    """A whole job."""
+
+    model: ModelConfig = knob(factory=ModelConfig, doc="Model shape.")
+    parallel: ParallelConfig = knob(factory=ParallelConfig, doc="Parallel degrees and methods.")
+    train: TrainConfig = knob(factory=TrainConfig, doc="Optimisation loop.")
+    data: DataConfig = knob(factory=DataConfig, doc="Token source.")
+    checkpoint: CheckpointConfig = knob(factory=CheckpointConfig, doc="Checkpointing.")
+    cluster: ClusterConfig = knob(factory=ClusterConfig, doc="Process placement.")
+
+
+def config_root() -> Path:
+    """Directory of the shipped YAML configs: ``$SPARSETRON_CONFIGS`` or the repo's ``configs/``."""
+    env = os.environ.get("SPARSETRON_CONFIGS")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "configs"
+
+
+def default_run_config() -> Path:
+    """The embedded default job (``configs/train/demo.yaml``) that ``make run`` trains."""
+    return config_root() / "train" / "demo.yaml"
+
+
+def field_docs(cls: type = Config, prefix: str = "") -> dict[str, str]:
+    """Flatten the per-field documentation of a config dataclass into ``{"train.lr": "Peak AdamW ..."}``."""
+    docs: dict[str, str] = {}
+    for f in fields(cls):
+        key = f"{prefix}{f.name}"
+        docs[key] = f.metadata.get("doc", "")
+        sub = f.default_factory if f.default_factory is not MISSING else None
+        if sub is not None and is_dataclass(sub):
+            docs.update(field_docs(sub, key + "."))
+    return docs
+
+
+def _suggest(bad_key: str, valid: list[str], parent: str) -> str:
+    close = difflib.get_close_matches(bad_key, valid, n=1, cutoff=0.5)
+    if close:
+        return f"did you mean '{parent + '.' if parent else ''}{close[0]}'?"
+    return "valid keys here: " + ", ".join(sorted(valid))
+
+
+def _valid_keys_at(parent_path: str) -> list[str]:
+    """Valid keys of the config section at dotted ``parent_path`` ('' for the root)."""
+    prefix = f"{parent_path}." if parent_path else ""
+    depth = prefix.count(".")
+    return [k[len(prefix) :] for k in field_docs() if k.startswith(prefix) and k.count(".") == depth]
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    """Turn an omegaconf error into one that names the source, the key, the rule and a fix."""
+    full_key = getattr(err, "full_key", None) or ""
+    if isinstance(err, ConfigKeyError) and full_key:
+        parent, _, leaf = full_key.rpartition(".")
+        valid = _valid_keys_at(parent)
+        where = f"section '{parent}'" if parent else "the top level"
+        return ConfigError(
+            f"{source}: unknown key '{full_key}' in {where}; {_suggest(leaf, valid, parent)} "
+            f"(run `sparsetron config docs` to list every key)."
+        )
+    if isinstance(err, ValidationError) and full_key:
+        doc = field_docs().get(full_key, "")
+        reason = str(err.msg).splitlines()[0]
+        return ConfigError(f"{source}: bad value for '{full_key}': {reason}. {full_key}: {doc}")
+    return ConfigError(f"{source}: {err}")
+
+
+def _load_yaml(path: Path, what: str) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"{what} '{path}' does not exist; pass the path of a YAML file (see configs/).")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError and friends: the parser's message says where
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {exc}") from exc
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(
+            f"{what} '{path}' must hold a mapping of sections (model:, parallel:, ...), not a list."
+        )
+    return loaded
+
+
+def _merge(base: DictConfig, layer: DictConfig | dict, source: str) -> DictConfig:
+    try:
+        merged = OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, source) from exc
+    assert isinstance(merged, DictConfig)
+    return merged
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(
+                f"override '{item}' is not of the form key=value; write e.g. parallel.cp=2 or train.lr=1e-4."
+            )
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def preset_path(name: str) -> Path:
+    """Path of model preset ``name`` (``configs/model/<name>.yaml``); errors list the available ones."""
+    root = config_root() / "model"
+    path = root / f"{name}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in root.glob("*.yaml")) if root.is_dir() else []
+        raise ConfigError(
+            f"model.preset '{name}' not found in {root}; available presets: {', '.join(available) or 'none'}"
+            " (or set SPARSETRON_CONFIGS to a directory with model/<name>.yaml)."
+        )
+    return path
+
+
+def load_config(
+    run_yaml: str | Path | Sequence[str | Path] | None = None,
+    overrides: Sequence[str] = (),
+    cluster_yaml: str | Path | None = None,
+) -> Config:
+    """Load a job config: defaults < model preset < cluster YAML < run YAML(s) < ``key=value`` overrides.
+
+    ``run_yaml`` may be several files (e.g. ``configs/train/demo.yaml configs/parallel/cp2-ring.yaml``), merged
+    left to right. Raises :class:`ConfigError` naming the file and key for unknown keys, bad types and missing
+    files. Returns the typed :class:`Config` dataclass (enums are enum members, nested sections dataclasses).
+    """
+    if run_yaml is None:
+        run_yamls: list[str | Path] = []
+    elif isinstance(run_yaml, (str, Path)):
+        run_yamls = [run_yaml]
+    else:
+        run_yamls = list(run_yaml)
+    layers: list[tuple[str, DictConfig]] = []
+    if cluster_yaml is not None:
+        layers.append((f"cluster config {cluster_yaml}", _load_yaml(Path(cluster_yaml), "cluster config")))
+    for path in run_yamls:
+        layers.append((f"run config {path}", _load_yaml(Path(path), "run config")))
+    if overrides:
+        layers.append(("command-line overrides", _parse_overrides(list(overrides))))
+
+    schema = OmegaConf.structured(Config)
+    OmegaConf.set_struct(schema, True)
+    merged = schema
+    for source, layer in layers:
+        merged = _merge(merged, layer, source)
+
+    # The preset is chosen by the layers above but must sit beneath them, so merge again in order.
+    if merged.model.preset:
+        preset = _load_yaml(preset_path(merged.model.preset), "model preset")
+        if set(preset.keys()) != {"model"}:
+            raise ConfigError(
+                f"model preset '{merged.model.preset}' must contain only a 'model:' section, found {sorted(preset.keys())}."
+            )
+        merged = _merge(schema, preset, f"model preset {merged.model.preset}")
+        for source, layer in layers:
+            merged = _merge(merged, layer, source)
+
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, "resolved config") from exc
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (enums written by value), loadable again by :func:`load_config`."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def write_resolved(cfg: Config, run_dir: str | Path) -> Path:
+    """Write ``<run_dir>/config.yaml`` atomically (temp file + rename) and return its path."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / "config.yaml"
+    tmp = run_dir / f".config.yaml.tmp-{os.getpid()}"
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(final)
+    return final

@@ -1,0 +1,152 @@
+"""Preflight: does a job config fit a world size? Pure Python, no process group, no GPU.
+
+``sparsetron config check``, ``sparsetron train`` and the launcher run :func:`check_job` before any
+process starts, so an impossible layout fails on the login node with one message listing every broken rule
+and valid alternatives, instead of after the allocation starts.
+"""
+
+from __future__ import annotations
+
+from sparsetron.config import Config, CPLayout, CPMethod
+from sparsetron.dist.errors import LayoutError
+from sparsetron.dist.layout import ParallelDims, layout_problems, suggest_layouts
+
+
+def cp_ulysses_degree(cfg: Config) -> int:
+    """The Ulysses share of cp implied by ``parallel.cp_method`` (and ``ulysses_degree`` for hybrid)."""
+    p = cfg.parallel
+    if p.cp_method == CPMethod.ulysses:
+        return p.cp
+    if p.cp_method == CPMethod.hybrid:
+        return p.ulysses_degree
+    return 1
+
+
+def _method_problems(cfg: Config) -> list[str]:
+    p = cfg.parallel
+    out = []
+    if p.cp_method == CPMethod.hybrid:
+        if not 1 < p.ulysses_degree < p.cp or p.cp % p.ulysses_degree:
+            out.append(
+                f"parallel.cp_method=hybrid needs 1 < parallel.ulysses_degree < parallel.cp with ulysses_degree dividing cp; "
+                f"got ulysses_degree={p.ulysses_degree}, cp={p.cp} (e.g. cp=4 ulysses_degree=2)"
+            )
+    elif p.ulysses_degree != 1:
+        out.append(
+            f"parallel.ulysses_degree={p.ulysses_degree} only applies to cp_method=hybrid "
+            f"(cp_method={p.cp_method.value}); remove it or set parallel.cp_method=hybrid"
+        )
+    if p.cp_method == CPMethod.sparse_ring and p.cp_layout != CPLayout.striped:
+        out.append(
+            f"parallel.cp_method=sparse_ring balances work per ring step only on the striped layout; "
+            f"got cp_layout={p.cp_layout.value}: set parallel.cp_layout=striped"
+        )
+    if p.cp_layout == CPLayout.striped and p.cp_block < 1:
+        out.append(f"parallel.cp_block={p.cp_block} must be a positive number of tokens")
+    return out
+
+
+def _model_problems(cfg: Config) -> list[str]:
+    """Rules of the model alone (no layout can fix them)."""
+    m, t = cfg.model, cfg.train
+    out = []
+    if m.n_kv_heads < 1 or m.n_heads % m.n_kv_heads:
+        out.append(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads} (GQA groups)")
+    if m.head_dim is None and m.dim % m.n_heads:
+        out.append(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}; set model.head_dim explicitly")
+    if not 1 <= m.top_k <= m.num_experts:
+        out.append(f"model.top_k={m.top_k} must be between 1 and model.num_experts={m.num_experts}")
+    if t.seq_len > m.max_seq_len:
+        out.append(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise max_seq_len or shorten seq_len")
+    if t.global_batch_tokens % t.seq_len:
+        out.append(
+            f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of train.seq_len={t.seq_len} "
+            "(a step holds whole sequences)"
+        )
+    return out
+
+
+def _fit_problems(cfg: Config, dims: ParallelDims) -> list[str]:
+    """Rules that tie the model, sequence and batch to the layout."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    out = []
+    if m.num_experts % dims.ep:
+        out.append(f"model.num_experts={m.num_experts} must be divisible by ep={dims.ep} (each EP rank holds whole experts)")
+    u = dims.cp_ulysses
+    if u > 1:
+        if m.n_heads % u:
+            out.append(
+                f"model.n_heads={m.n_heads} is not divisible by the Ulysses degree {u}; use cp_method=ring or allgather, "
+                f"or a hybrid whose ulysses_degree divides {m.n_heads}"
+            )
+        if m.n_kv_heads % u and u % m.n_kv_heads:
+            out.append(
+                f"model.n_kv_heads={m.n_kv_heads} and the Ulysses degree {u} must divide one another "
+                "(KV heads are split, or each replicated to exactly u / n_kv_heads ranks)"
+            )
+    if p.cp_layout == CPLayout.zigzag:
+        unit, rule = 2 * dims.cp, f"2 × cp = {2 * dims.cp} (zigzag chunks r and 2·cp−1−r)"
+    elif p.cp_layout == CPLayout.striped:
+        unit, rule = dims.cp * p.cp_block, f"cp × cp_block = {dims.cp} × {p.cp_block} (striped blocks round-robin)"
+    else:
+        unit, rule = dims.cp, f"cp = {dims.cp} (contiguous chunks)"
+    if t.seq_len % unit:
+        out.append(f"train.seq_len={t.seq_len} must be divisible by {rule}")
+    if t.global_batch_tokens % t.seq_len == 0:
+        seqs = t.global_batch_tokens // t.seq_len
+        per_step = dims.dp * t.micro_batch_size
+        if seqs % per_step:
+            out.append(
+                f"train.global_batch_tokens / seq_len = {seqs} sequences must be divisible by "
+                f"dp_replicate × dp_shard × micro_batch_size = {dims.dp_replicate} × {dims.dp_shard} × "
+                f"{t.micro_batch_size} = {per_step} (each data-parallel rank takes whole micro-batches)"
+            )
+    return out
+
+
+def check_job(cfg: Config, world_size: int) -> ParallelDims:
+    """Validate ``cfg`` for ``world_size`` processes and return its :class:`ParallelDims`.
+
+    Raises:
+        LayoutError: one message listing every broken rule, each with its values and a fix, plus the
+            valid layouts closest to the requested one that also satisfy the model and batch rules.
+    """
+    p = cfg.parallel
+    u = cp_ulysses_degree(cfg)
+    problems = _method_problems(cfg) + _model_problems(cfg)
+    layout = layout_problems(world_size, p.dp_replicate, p.dp_shard, p.cp, p.ep, u)
+    problems = layout + problems
+    dims = None if layout else ParallelDims(world_size, p.dp_replicate, p.dp_shard, p.cp, p.ep, u)
+    if dims is not None:
+        problems += _fit_problems(cfg, dims)
+    if not problems:
+        assert dims is not None
+        return dims
+
+    def fits(candidate: ParallelDims) -> bool:
+        same_method = {
+            CPMethod.ulysses: candidate.cp_ulysses == candidate.cp,
+            CPMethod.hybrid: 1 < candidate.cp_ulysses < candidate.cp,
+        }.get(p.cp_method, candidate.cp_ulysses == 1)
+        return same_method and not _fit_problems(cfg, candidate)
+
+    lines = [
+        f"config does not fit world_size={world_size}: dp_replicate={p.dp_replicate}, dp_shard={p.dp_shard}, "
+        f"cp={p.cp}, ep={p.ep}, cp_method={p.cp_method.value}, cp_layout={p.cp_layout.value}"
+        + (f", ulysses_degree={p.ulysses_degree}" if p.cp_method == CPMethod.hybrid else "")
+    ]
+    lines += [f"  - {x}" for x in problems]
+    alternatives = suggest_layouts(world_size, p.dp_replicate, p.dp_shard, p.cp, p.ep, u, accept=fits)
+    if alternatives:
+        lines.append(f"  valid layouts for world_size={world_size} closest to this one (as overrides):")
+        lines += [f"    {a.as_overrides()}" for a in alternatives]
+    else:
+        nearest = suggest_layouts(world_size, p.dp_replicate, p.dp_shard, p.cp, p.ep, u)
+        lines.append(
+            f"  no layout of world_size={world_size} also fits this model and batch; the nearest valid layouts and "
+            "what each would still need:"
+        )
+        for alt in nearest:
+            lines.append(f"    {alt.as_overrides()}")
+            lines += [f"      needs: {x}" for x in _fit_problems(cfg, alt)]
+    raise LayoutError("\n".join(lines))
