@@ -1,0 +1,19 @@
+"""Shared fixtures: the multi-rank pools (tier 1) and hermetic environment defaults."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from multirank import RankPools
+
+# Kernels defined under pytest must be interpretable on the CPU (DESIGN: tier 2); set before any import of triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def ranks():
+    """``ranks.run(world_size, fn, *args, timeout=..., **kwargs)`` runs ``fn`` on that many gloo ranks."""
+    pools = RankPools()
+    yield pools
+    pools.close()
