@@ -1,0 +1,253 @@
+"""``sparsetron``: one entry point for training, launching, conversion, weight sync, benchmarks and configs.
+
+Positional arguments of ``train`` and ``config`` are YAML files (merged left to right) and ``key=value``
+overrides (applied last), e.g.::
+
+    sparsetron train configs/train/demo.yaml configs/parallel/cp2-ring.yaml train.steps=20 --nproc 4
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sparsetron.config import (
+    ConfigError,
+    default_run_config,
+    field_docs,
+    load_config,
+    to_yaml,
+    write_resolved,
+)
+from sparsetron.dist.errors import LayoutError
+
+app = typer.Typer(
+    name="sparsetron",
+    help=(
+        "Train Mixture-of-Experts language models on very long contexts across many processes: "
+        "context, expert and communication parallelism. Start with `sparsetron train --nproc 4` "
+        "(the CPU demo) or `sparsetron config show CONFIG`."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Print, check and document job configs.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+err = Console(stderr=True)
+out = Console()
+
+ARGS_HELP = "YAML config files (merged left to right) and key=value overrides (applied last)."
+ArgsT = Annotated[list[str] | None, typer.Argument(help=ARGS_HELP)]
+
+
+def _split_args(args: list[str] | None, *, default_config: bool) -> tuple[list[str], list[str]]:
+    files = [a for a in args or [] if "=" not in a]
+    overrides = [a for a in args or [] if "=" in a]
+    if not files and default_config:
+        files = [str(default_run_config())]
+    return files, overrides
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _load(args: list[str] | None, *, default_config: bool = False):
+    files, overrides = _split_args(args, default_config=default_config)
+    try:
+        return load_config(files, overrides)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from exc
+
+
+@config_app.command("show")
+def config_show(args: ArgsT = None) -> None:
+    """Print the resolved config (defaults < model preset < files < overrides) as YAML."""
+    out.print(to_yaml(_load(args)), end="", highlight=False)
+
+
+@config_app.command("check")
+def config_check(
+    args: ArgsT = None,
+    world_size: Annotated[
+        int | None,
+        typer.Option(
+            "--world-size",
+            "-n",
+            help="Processes to check for (default: cluster.nodes × cluster.procs_per_node).",
+        ),
+    ] = None,
+) -> None:
+    """Validate a config for a world size, without starting anything; exit 2 with every problem and a fix."""
+    from sparsetron.dist.preflight import check_job
+
+    cfg = _load(args)
+    world = world_size if world_size is not None else cfg.cluster.nodes * cfg.cluster.procs_per_node
+    try:
+        dims = check_job(cfg, world)
+    except LayoutError as exc:
+        raise _fail(str(exc)) from exc
+    out.print(f"ok: {dims} (edp={dims.edp}, cp_ring={dims.cp_ring})")
+
+
+@config_app.command("docs")
+def config_docs(
+    section: Annotated[
+        str | None, typer.Argument(help="Only keys under this section, e.g. parallel or train.dp.")
+    ] = None,
+) -> None:
+    """List every config key with its default and meaning."""
+    from omegaconf import OmegaConf
+
+    from sparsetron.config import Config
+
+    defaults = OmegaConf.structured(Config)
+    table = Table(title="sparsetron config keys")
+    for column in ("key", "default", "meaning"):
+        table.add_column(column)
+    shown = 0
+    for key, doc in field_docs().items():
+        if section and not (key == section or key.startswith(section + ".")):
+            continue
+        value = OmegaConf.select(defaults, key)
+        if OmegaConf.is_dict(value):
+            continue
+        table.add_row(key, str(value.value if hasattr(value, "value") else value), doc)
+        shown += 1
+    if not shown:
+        raise _fail(
+            f"no config keys under '{section}'; sections: model, parallel, train, train.dp, data, checkpoint, cluster"
+        )
+    out.print(table)
+
+
+@app.command(context_settings={"allow_interspersed_args": True})
+def train(
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(help=ARGS_HELP + " Without a file, the embedded demo (configs/train/demo.yaml)."),
+    ] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc", "-n", help="Local processes to start with torchrun (default: cluster.procs_per_node)."
+        ),
+    ] = None,
+) -> None:
+    """Train. With --nproc N (or cluster.procs_per_node > 1) starts N local processes through torchrun;
+    under an existing launcher (torchrun, srun, mpirun) runs this process's rank directly."""
+    import os
+
+    from sparsetron.dist.preflight import check_job
+
+    cfg = _load(args, default_config=True)
+    launched = any(
+        v in os.environ for v in ("RANK", "SLURM_STEP_ID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+    )
+    if launched and nproc is not None:
+        raise _fail(
+            "--nproc starts local processes, but this process already runs under a launcher; drop --nproc."
+        )
+    from sparsetron.dist import discover
+
+    world = (
+        discover().world_size if launched else (nproc if nproc is not None else cfg.cluster.procs_per_node)
+    )
+    try:
+        check_job(cfg, world)
+    except LayoutError as exc:
+        raise _fail(str(exc)) from exc
+    from sparsetron.train import worker
+
+    if launched:
+        # Every rank resolved the same inputs to the same config; rank 0 records it.
+        if discover().rank == 0:
+            write_resolved(cfg, cfg.train.run_dir)
+        raise typer.Exit(worker.run(cfg))
+    resolved = write_resolved(cfg, cfg.train.run_dir)
+    out.print(f"resolved config written to {resolved}; starting {world} process(es)")
+    raise typer.Exit(_torchrun(world, ["-m", "sparsetron.train.worker", str(resolved)]))
+
+
+def _torchrun(nproc: int, command: list[str]) -> int:
+    """Run ``command`` on ``nproc`` local processes through torchrun's own machinery (``torch.distributed.run``)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    module = command[1] if command[:1] == ["-m"] else None
+    script_args = command[2:] if module else command[1:]
+    argv = ["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0"]
+    argv += ["--module", module, *script_args] if module else [command[0], *script_args]
+    try:
+        run(get_args_parser().parse_args(argv))
+    except ChildFailedError as exc:
+        err.print(
+            f"[bold red]error:[/bold red] {exc.get_first_failure()[1].message if exc.failures else exc}"
+        )
+        err.print(str(exc))
+        return 1
+    return 0
+
+
+def _later(command: str, lands_with: str, today: str) -> None:
+    """Exit 2 with a clear message for a command whose feature lands in a later issue."""
+    raise _fail(f"`sparsetron {command}` is not available yet: {lands_with}. {today}")
+
+
+PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command(context_settings=PASSTHROUGH)
+def launch(ctx: typer.Context) -> None:
+    """Launch a job from a cluster YAML on torchrun, Slurm or MPI: `sparsetron launch CLUSTER.yaml -- train CONFIG`."""
+    _later(
+        "launch",
+        "cluster launchers (Slurm sbatch, multi-node torchrun, mpirun) arrive with the launchers issue",
+        "Today, start local jobs with `sparsetron train CONFIG --nproc N`, or run `sparsetron train` under your own srun/torchrun/mpirun.",
+    )
+
+
+@app.command(context_settings=PASSTHROUGH)
+def convert(ctx: typer.Context) -> None:
+    """Convert checkpoints between HF safetensors, sparsetron DCP, Megatron-core, DeepSpeed and zarr."""
+    _later(
+        "convert",
+        "checkpoint conversion arrives with the checkpoint-conversion issue",
+        "No converter is installed in this version.",
+    )
+
+
+@app.command(context_settings=PASSTHROUGH)
+def sync(ctx: typer.Context) -> None:
+    """Serve or pull lossless sparse weight deltas between a trainer and rollout workers (`sync serve|pull`)."""
+    _later(
+        "sync",
+        "the RL weight-sync service arrives with the weight-sync issue",
+        "No sync transport is installed in this version.",
+    )
+
+
+@app.command(context_settings=PASSTHROUGH)
+def bench(ctx: typer.Context) -> None:
+    """Run the benchmarks of benchmarks/ (attention, MoE, communication) and print a table."""
+    _later(
+        "bench",
+        "benchmarks arrive with the context- and expert-parallelism issues",
+        "Recorded numbers live in benchmarks/RESULTS.md.",
+    )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training: the per-rank worker, and (with the trainer issue) the loop, data and metrics."""
