@@ -212,7 +212,7 @@ class ClusterConfig:
     partition: str | None = knob(None, "Slurm partition.")
     account: str | None = knob(None, "Slurm account.")
     time: str | None = knob(None, "Slurm time limit, e.g. 04:00:00.")
-    qos: str | None = knob(None, "Slurm QOS.")
+    qos: str | None = knob(None, "Slurm quality of service (--qos).")
     constraint: str | None = knob(None, "Slurm node constraint.")
     container_image: str | None = knob(None, "Container image for pyxis/enroot (srun --container-image).")
     venv: str | None = knob(None, "Virtual environment to activate on every node.")
@@ -363,6 +363,8 @@ def load_config(
 
     schema = OmegaConf.structured(Config)
     OmegaConf.set_struct(schema, True)
+    # Free-form maps (environment variables) take any key; everything else is strict.
+    OmegaConf.set_struct(schema.cluster.env, False)
     merged = schema
     for source, layer in layers:
         merged = _merge(merged, layer, source)

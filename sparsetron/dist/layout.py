@@ -38,15 +38,28 @@ def _degree_problems(name: str, value: object, *, allow_auto: bool = False) -> l
         return [f"{name}={value!r} must be an integer"]
     if value >= 1 or (allow_auto and value == -1):
         return []
-    rule = "a positive integer, or -1 to fill what the world size leaves" if allow_auto else "a positive integer"
+    rule = (
+        "a positive integer, or -1 to fill what the world size leaves" if allow_auto else "a positive integer"
+    )
     return [f"{name}={value} must be {rule}"]
 
 
 def layout_problems(
-    world_size: object, dp_replicate: object = 1, dp_shard: object = -1, cp: object = 1, ep: object = 1, cp_ulysses: object = 1
+    world_size: object,
+    dp_replicate: object = 1,
+    dp_shard: object = -1,
+    cp: object = 1,
+    ep: object = 1,
+    cp_ulysses: object = 1,
 ) -> list[str]:
     """Every rule these degrees break (empty when valid); pure Python, no process group."""
-    degrees = {"world_size": world_size, "dp_replicate": dp_replicate, "cp": cp, "ep": ep, "cp_ulysses": cp_ulysses}
+    degrees = {
+        "world_size": world_size,
+        "dp_replicate": dp_replicate,
+        "cp": cp,
+        "ep": ep,
+        "cp_ulysses": cp_ulysses,
+    }
     out = [p for name, value in degrees.items() for p in _degree_problems(name, value)]
     out += _degree_problems("dp_shard", dp_shard, allow_auto=True)
     if out:
@@ -63,12 +76,16 @@ def layout_problems(
         dp_shard = world_size // fixed
     product = dp_replicate * dp_shard * cp
     if product != world_size:
-        out.append(f"dp_replicate × dp_shard × cp = {dp_replicate} × {dp_shard} × {cp} = {product} must equal world_size={world_size}")
+        out.append(
+            f"dp_replicate × dp_shard × cp = {dp_replicate} × {dp_shard} × {cp} = {product} must equal world_size={world_size}"
+        )
     if cp % cp_ulysses:
         out.append(f"cp_ulysses={cp_ulysses} must divide cp={cp}")
     folded = dp_shard * cp
     if folded % ep:
-        out.append(f"ep={ep} must divide dp_shard × cp = {dp_shard} × {cp} = {folded} (ep folds over those ranks)")
+        out.append(
+            f"ep={ep} must divide dp_shard × cp = {dp_shard} × {cp} = {folded} (ep folds over those ranks)"
+        )
     return out
 
 
@@ -96,7 +113,9 @@ class ParallelDims:
     cp_ulysses: int = 1
 
     def __post_init__(self) -> None:
-        problems = layout_problems(self.world_size, self.dp_replicate, self.dp_shard, self.cp, self.ep, self.cp_ulysses)
+        problems = layout_problems(
+            self.world_size, self.dp_replicate, self.dp_shard, self.cp, self.ep, self.cp_ulysses
+        )
         if problems:
             raise LayoutError(self._describe(problems))
         if self.dp_shard == -1:
@@ -109,7 +128,9 @@ class ParallelDims:
         ]
         lines += [f"  - {p}" for p in problems]
         if isinstance(self.world_size, int) and self.world_size >= 1:
-            alts = suggest_layouts(self.world_size, self.dp_replicate, self.dp_shard, self.cp, self.ep, self.cp_ulysses)
+            alts = suggest_layouts(
+                self.world_size, self.dp_replicate, self.dp_shard, self.cp, self.ep, self.cp_ulysses
+            )
             if alts:
                 lines.append(f"  valid layouts for world_size={self.world_size} closest to this one:")
                 lines += [f"    {a.as_overrides()}" for a in alts]
@@ -134,7 +155,11 @@ class ParallelDims:
 
     def as_overrides(self) -> str:
         """The layout as CLI overrides, e.g. ``parallel.dp_shard=2 parallel.cp=2``."""
-        parts = [f"parallel.dp_replicate={self.dp_replicate}", f"parallel.dp_shard={self.dp_shard}", f"parallel.cp={self.cp}"]
+        parts = [
+            f"parallel.dp_replicate={self.dp_replicate}",
+            f"parallel.dp_shard={self.dp_shard}",
+            f"parallel.cp={self.cp}",
+        ]
         parts.append(f"parallel.ep={self.ep}")
         if self.cp_ulysses not in (1, self.cp):
             parts.append(f"parallel.ulysses_degree={self.cp_ulysses}")
@@ -165,7 +190,9 @@ class ParallelDims:
             raise KeyError(f"unknown mesh axis '{axis}'; known: {', '.join(mesh_axis_names())}")
         dims = [names.index(a) for a in spans]
         others = [d for d in range(grid.dim()) if d not in dims]
-        moved = grid.permute(*others, *dims).reshape(-1, int(torch.tensor([grid.shape[d] for d in dims]).prod()))
+        moved = grid.permute(*others, *dims).reshape(
+            -1, int(torch.tensor([grid.shape[d] for d in dims]).prod())
+        )
         return [row.tolist() for row in moved]
 
     def build_mesh(self, device_type: str) -> ParallelMesh:
@@ -178,7 +205,9 @@ class ParallelDims:
         from torch.distributed.device_mesh import DeviceMesh
 
         if not dist.is_initialized():
-            raise RuntimeError("build_mesh needs torch.distributed to be initialised first (sparsetron.dist.init_distributed).")
+            raise RuntimeError(
+                "build_mesh needs torch.distributed to be initialised first (sparsetron.dist.init_distributed)."
+            )
         if dist.get_world_size() != self.world_size:
             raise LayoutError(
                 f"ParallelDims(world_size={self.world_size}) but the process group has {dist.get_world_size()} ranks; "
@@ -258,7 +287,13 @@ def suggest_layouts(
     """
     import math
 
-    wanted = {"dp_replicate": dp_replicate, "dp_shard": dp_shard, "cp": cp, "ep": ep, "cp_ulysses": cp_ulysses}
+    wanted = {
+        "dp_replicate": dp_replicate,
+        "dp_shard": dp_shard,
+        "cp": cp,
+        "ep": ep,
+        "cp_ulysses": cp_ulysses,
+    }
 
     def distance(dims: ParallelDims) -> tuple[int, float]:
         changed, spread = 0, 0.0

@@ -51,13 +51,19 @@ def _model_problems(cfg: Config) -> list[str]:
     m, t = cfg.model, cfg.train
     out = []
     if m.n_kv_heads < 1 or m.n_heads % m.n_kv_heads:
-        out.append(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads} (GQA groups)")
+        out.append(
+            f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads} (GQA groups)"
+        )
     if m.head_dim is None and m.dim % m.n_heads:
-        out.append(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}; set model.head_dim explicitly")
+        out.append(
+            f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}; set model.head_dim explicitly"
+        )
     if not 1 <= m.top_k <= m.num_experts:
         out.append(f"model.top_k={m.top_k} must be between 1 and model.num_experts={m.num_experts}")
     if t.seq_len > m.max_seq_len:
-        out.append(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise max_seq_len or shorten seq_len")
+        out.append(
+            f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise max_seq_len or shorten seq_len"
+        )
     if t.global_batch_tokens % t.seq_len:
         out.append(
             f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of train.seq_len={t.seq_len} "
@@ -71,7 +77,9 @@ def _fit_problems(cfg: Config, dims: ParallelDims) -> list[str]:
     m, t, p = cfg.model, cfg.train, cfg.parallel
     out = []
     if m.num_experts % dims.ep:
-        out.append(f"model.num_experts={m.num_experts} must be divisible by ep={dims.ep} (each EP rank holds whole experts)")
+        out.append(
+            f"model.num_experts={m.num_experts} must be divisible by ep={dims.ep} (each EP rank holds whole experts)"
+        )
     u = dims.cp_ulysses
     if u > 1:
         if m.n_heads % u:
@@ -87,7 +95,10 @@ def _fit_problems(cfg: Config, dims: ParallelDims) -> list[str]:
     if p.cp_layout == CPLayout.zigzag:
         unit, rule = 2 * dims.cp, f"2 × cp = {2 * dims.cp} (zigzag chunks r and 2·cp−1−r)"
     elif p.cp_layout == CPLayout.striped:
-        unit, rule = dims.cp * p.cp_block, f"cp × cp_block = {dims.cp} × {p.cp_block} (striped blocks round-robin)"
+        unit, rule = (
+            dims.cp * p.cp_block,
+            f"cp × cp_block = {dims.cp} × {p.cp_block} (striped blocks round-robin)",
+        )
     else:
         unit, rule = dims.cp, f"cp = {dims.cp} (contiguous chunks)"
     if t.seq_len % unit:

@@ -1,0 +1,50 @@
+# `make run`: set up .venv and train the embedded demo on 4 CPU processes.
+# `make test`: set up .venv with every extra, lint, and run the test suite.
+# Both are idempotent: the venv is only (re)installed when pyproject.toml or constraints.txt change.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Extras a GPU cluster installs (docker/Dockerfile installs exactly these); tests add dev.
+CLUSTER_EXTRAS := mpi,deepspeed,megatron
+TEST_EXTRAS := dev,$(CLUSTER_EXTRAS)
+# constraints.txt pins torch==2.13.0 (the CPU wheel on this machine's disk) and the versions tested here.
+PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
+PYTEST_ARGS ?=
+
+export DS_ACCELERATOR := cpu
+export TRITON_INTERPRET := 1
+
+.PHONY: run test lint format clean setup setup-test
+
+run: $(VENV)/.installed-run
+	$(BIN)/sparsetron train
+
+test: $(VENV)/.installed-test lint
+	$(BIN)/python -m pytest -q --timeout=900 $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check sparsetron tests benchmarks
+	$(BIN)/ruff format --check sparsetron tests benchmarks
+
+format: $(VENV)/.installed-test
+	$(BIN)/ruff check --fix sparsetron tests benchmarks
+	$(BIN)/ruff format sparsetron tests benchmarks
+
+setup: $(VENV)/.installed-run
+setup-test: $(VENV)/.installed-test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-run: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP_INSTALL) -e .
+	touch $@
+
+# The test install is a superset of the run install, so it satisfies `make run` too.
+$(VENV)/.installed-test: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP_INSTALL) -e '.[$(TEST_EXTRAS)]'
+	touch $@ $(VENV)/.installed-run
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,188 @@
+"""Job preflight: model, sequence and batch rules against the layout; suggested fixes are valid (tier 0)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsetron.config import default_run_config, load_config
+from sparsetron.dist import LayoutError, ParallelDims
+from sparsetron.dist.preflight import check_job
+
+
+def demo(*overrides: str):
+    return load_config(default_run_config(), list(overrides))
+
+
+def suggested_overrides(message: str) -> list[list[str]]:
+    return [line.split() for line in message.splitlines() if line.strip().startswith("parallel.")]
+
+
+def test_demo_fits_four_processes():
+    assert check_job(demo(), 4) == ParallelDims(4, dp_shard=2, cp=2, ep=2)
+
+
+def test_world_six_with_cp_four_names_everything_and_offers_a_valid_layout():
+    cfg = demo(
+        "parallel.cp=4", "parallel.dp_shard=-1", "train.seq_len=3072", "train.global_batch_tokens=36864"
+    )
+    with pytest.raises(LayoutError) as info:
+        check_job(cfg, 6)
+    message = str(info.value)
+    assert "world_size=6" in message
+    for degree in ("dp_replicate=1", "dp_shard=-1", "cp=4", "ep=2", "cp_method=ring", "cp_layout=zigzag"):
+        assert degree in message
+    assert "world_size=6 is not divisible by dp_replicate × cp = 1 × 4 = 4" in message
+    alternatives = suggested_overrides(message)
+    assert alternatives
+    for alt in alternatives:
+        check_job(load_config(default_run_config(), [*cfg_overrides(cfg), *alt]), 6)
+
+
+def cfg_overrides(cfg) -> list[str]:
+    t = cfg.train
+    return [f"train.seq_len={t.seq_len}", f"train.global_batch_tokens={t.global_batch_tokens}"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "fragment"),
+    [
+        (
+            ["parallel.ep=4", "parallel.dp_shard=2", "model.num_experts=6"],
+            4,
+            "model.num_experts=6 must be divisible by ep=4",
+        ),
+        (
+            [
+                "parallel.cp_method=ulysses",
+                "parallel.cp=4",
+                "parallel.dp_shard=1",
+                "model.n_heads=6",
+                "model.n_kv_heads=2",
+                "model.dim=192",
+            ],
+            4,
+            "model.n_heads=6 is not divisible by the Ulysses degree 4",
+        ),
+        (
+            [
+                "parallel.cp_method=ulysses",
+                "parallel.cp=4",
+                "parallel.dp_shard=1",
+                "model.n_kv_heads=8",
+                "model.n_heads=24",
+                "model.dim=192",
+            ],
+            4,
+            None,
+        ),
+        (
+            [
+                "parallel.cp_method=ulysses",
+                "parallel.cp=4",
+                "parallel.dp_shard=1",
+                "model.n_kv_heads=3",
+                "model.n_heads=12",
+                "model.dim=192",
+            ],
+            4,
+            "model.n_kv_heads=3 and the Ulysses degree 4 must divide one another",
+        ),
+        (
+            ["train.seq_len=2050", "model.max_seq_len=8192"],
+            4,
+            "train.seq_len=2050 must be divisible by 2 × cp = 4",
+        ),
+        (
+            [
+                "parallel.cp_layout=striped",
+                "parallel.cp_block=512",
+                "train.seq_len=1536",
+                "train.global_batch_tokens=6144",
+            ],
+            4,
+            "train.seq_len=1536 must be divisible by cp × cp_block = 2 × 512",
+        ),
+        (
+            ["train.global_batch_tokens=6144"],
+            4,
+            "3 sequences must be divisible by dp_replicate × dp_shard × micro_batch_size = 1 × 2 × 1 = 2",
+        ),
+        (
+            ["train.global_batch_tokens=5000"],
+            4,
+            "train.global_batch_tokens=5000 is not a multiple of train.seq_len=2048",
+        ),
+        (
+            ["parallel.cp_method=hybrid", "parallel.ulysses_degree=2"],
+            4,
+            "cp_method=hybrid needs 1 < parallel.ulysses_degree < parallel.cp",
+        ),
+        (["parallel.ulysses_degree=2"], 4, "parallel.ulysses_degree=2 only applies to cp_method=hybrid"),
+        (
+            ["parallel.cp_method=sparse_ring"],
+            4,
+            "sparse_ring balances work per ring step only on the striped layout",
+        ),
+        (["model.top_k=9"], 4, "model.top_k=9 must be between 1 and model.num_experts=8"),
+        (["model.n_kv_heads=3"], 4, "model.n_heads=8 must be a multiple of model.n_kv_heads=3"),
+        (
+            ["train.seq_len=16384", "train.global_batch_tokens=32768"],
+            4,
+            "train.seq_len=16384 exceeds model.max_seq_len=8192",
+        ),
+    ],
+)
+def test_each_rule_fails_with_its_values(overrides, world, fragment):
+    cfg = demo(*overrides)
+    if fragment is None:
+        check_job(cfg, world)
+        return
+    with pytest.raises(LayoutError) as info:
+        check_job(cfg, world)
+    assert fragment in str(info.value)
+
+
+def test_hybrid_four_by_two():
+    dims = check_job(
+        demo(
+            "parallel.cp=4",
+            "parallel.dp_shard=2",
+            "parallel.cp_method=hybrid",
+            "parallel.ulysses_degree=2",
+            "train.global_batch_tokens=8192",
+        ),
+        8,
+    )
+    assert (dims.cp_ulysses, dims.cp_ring, dims.ep) == (2, 2, 2)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    world=st.sampled_from([1, 2, 3, 4, 6, 8, 12, 16]),
+    cp=st.sampled_from([1, 2, 3, 4, 8]),
+    ep=st.sampled_from([1, 2, 4, 8]),
+    dp_replicate=st.sampled_from([1, 2]),
+    seqs=st.sampled_from([1, 2, 4, 6, 8, 12, 24]),
+    seq_len=st.sampled_from([1024, 1536, 2048, 3072]),
+)
+def test_suggested_layouts_always_pass(world, cp, ep, dp_replicate, seqs, seq_len):
+    overrides = [
+        f"parallel.cp={cp}",
+        f"parallel.ep={ep}",
+        f"parallel.dp_replicate={dp_replicate}",
+        "parallel.dp_shard=-1",
+        f"train.seq_len={seq_len}",
+        f"train.global_batch_tokens={seqs * seq_len}",
+    ]
+    cfg = demo(*overrides)
+    try:
+        check_job(cfg, world)
+        return
+    except LayoutError as exc:
+        message = str(exc)
+    assert f"world_size={world}" in message
+    if "closest to this one" in message:
+        for alt in suggested_overrides(message):
+            check_job(demo(*overrides, *alt), world)
