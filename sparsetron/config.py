@@ -103,6 +103,18 @@ class ModelConfig:
     rope_theta: float = knob(10000.0, "RoPE base frequency.")
     norm_eps: float = knob(1e-6, "RMSNorm epsilon.")
     tie_embeddings: bool = knob(False, "Share the token embedding with the LM head.")
+    attention_bias: bool = knob(
+        False, "Bias on the q/k/v projections (Qwen2-MoE: true; Mixtral, Qwen3: false)."
+    )
+    qk_norm: bool = knob(False, "RMSNorm over each query and key head before RoPE (Qwen3-MoE: true).")
+    shared_expert_gate: bool = knob(
+        True,
+        "Scale the shared expert by sigmoid(gate(x)) as Qwen2-MoE does; false adds it ungated (DeepSeek).",
+    )
+    aux_loss_coef: float = knob(
+        0.01, "Weight of the sequence-level switch load-balancing loss (0 disables it)."
+    )
+    init_std: float = knob(0.02, "Standard deviation of the normal initialisation of weight matrices.")
     max_seq_len: int = knob(
         4096, "Longest sequence (global, before context sharding) the model is built for."
     )
@@ -174,6 +186,14 @@ class TrainConfig:
     )
     run_dir: str = knob("runs/default", "Where config.yaml, metrics.jsonl and checkpoints/ are written.")
     log_every: int = knob(1, "Print a progress line every this many steps.")
+    eval_every: int = knob(
+        0, "Evaluate the synthetic task's accuracy every this many steps (0: only at the end)."
+    )
+    eval_samples: int = knob(64, "Held-out samples per evaluation of the synthetic task.")
+    activation_checkpointing: bool = knob(
+        False, "Recompute each decoder layer's activations in the backward pass."
+    )
+    dtype: str = knob("auto", "Compute dtype: auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16.")
     dp: DPConfig = knob(factory=DPConfig, doc="Data-parallel synchronisation.")
 
 
@@ -182,11 +202,14 @@ class DataConfig:
     """Where tokens come from."""
 
     source: str = knob(
-        "synthetic", "synthetic (generated long-context tasks) or zarr (a prepared token store)."
+        "synthetic",
+        "synthetic (generated long-context tasks), corpus (the shipped text corpus) or zarr (a prepared store).",
     )
     path: str | None = knob(None, "Path of the zarr token store when source=zarr.")
     task: str = knob("passkey", "Synthetic task: passkey or associative_recall.")
     tokenizer: str = knob("bytes", "bytes (built in) or the name/path of an installed HF tokenizer.")
+    passkey_digits: int = knob(5, "Digits of the passkey to retrieve.")
+    recall_pairs: int = knob(8, "Key/value pairs per associative-recall sample.")
 
 
 @dataclass
