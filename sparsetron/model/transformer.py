@@ -1,0 +1,193 @@
+"""The reference MoE decoder: embedding, pre-norm decoder blocks (GQA attention + MoE FFN), norm, LM head.
+
+Semantics follow HF Mixtral / Qwen2-MoE / Qwen3-MoE so that checkpoints convert exactly. The model is
+single-process; parallelism is applied from outside (FSDP2 per block, an attention core for context
+parallelism, an ``ep_group`` for the MoE layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsetron.config import ModelConfig
+from sparsetron.model.attention import Attention
+from sparsetron.model.norm import RMSNorm
+from sparsetron.parallel.expert import MoE
+
+
+@dataclass
+class ModelOutput:
+    """Result of :meth:`Transformer.forward`.
+
+    - ``logits_BSV``: next-token logits in the activation dtype.
+    - ``aux_loss``: fp32 scalar, the MoE load-balancing losses summed over layers (coefficient applied).
+    - ``tokens_per_expert_LE``: fp32 ``[n_layers, E]`` routed-token counts per layer; no grad.
+    """
+
+    logits_BSV: torch.Tensor
+    aux_loss: torch.Tensor
+    tokens_per_expert_LE: torch.Tensor
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """Raise ``ValueError`` naming each shape rule ``cfg`` breaks, the bad values and the fix."""
+    head_dim = cfg.resolved_head_dim()
+    problems = []
+    if cfg.n_heads % cfg.n_kv_heads:
+        problems.append(
+            f"n_heads={cfg.n_heads} must be a multiple of n_kv_heads={cfg.n_kv_heads} (choose a divisor)"
+        )
+    if head_dim <= 0 or head_dim % 2:
+        problems.append(f"head_dim={head_dim} must be positive and even for RoPE (set model.head_dim)")
+    if not 1 <= cfg.top_k <= cfg.num_experts:
+        problems.append(f"top_k={cfg.top_k} must be between 1 and num_experts={cfg.num_experts}")
+    if problems:
+        raise ValueError("invalid model config: " + "; ".join(problems) + ".")
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block: ``h = h + attn(attn_norm(h)); h = h + moe(ffn_norm(h))``.
+
+    ``forward(h_BSD, positions_BS, doc_ids_BS=None) -> (h_BSD, aux_loss, tokens_per_expert_E)``: plain
+    tensors in and out, so FSDP2 and activation checkpointing can wrap the block as it is. Nothing
+    communicates unless the attention core or MoE layer was built to.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(
+            cfg.dim,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            cfg.resolved_head_dim(),
+            rope_theta=cfg.rope_theta,
+            bias=cfg.attention_bias,
+            qk_norm=cfg.qk_norm,
+            norm_eps=cfg.norm_eps,
+            init_std=cfg.init_std,
+        )
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.moe = MoE(
+            cfg.dim,
+            cfg.expert_ffn_dim,
+            cfg.num_experts,
+            cfg.top_k,
+            router=cfg.router,
+            normalize_topk=cfg.normalize_topk,
+            shared_ffn_dim=cfg.shared_expert_ffn_dim,
+            shared_gate=cfg.shared_expert_gate,
+            aux_loss_coef=cfg.aux_loss_coef,
+            init_std=cfg.init_std,
+        )
+
+    def init_weights(self) -> None:
+        """Initialise attn_norm, attn, ffn_norm, moe, in that order."""
+        self.attn_norm.init_weights()
+        self.attn.init_weights()
+        self.ffn_norm.init_weights()
+        self.moe.init_weights()
+
+    def forward(
+        self, h_BSD: torch.Tensor, positions_BS: torch.Tensor, doc_ids_BS: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h_BSD = h_BSD + self.attn(self.attn_norm(h_BSD), positions_BS, doc_ids_BS)
+        ffn_BSD, stats = self.moe(self.ffn_norm(h_BSD))
+        return h_BSD + ffn_BSD, stats.aux_loss, stats.tokens_per_expert_E
+
+
+class Transformer(nn.Module):
+    """MoE decoder LM built from a :class:`~sparsetron.config.ModelConfig`.
+
+    ``forward(tokens_BS, positions_BS=None, doc_ids_BS=None) -> ModelOutput``. ``positions_BS`` (int) are
+    global positions, ``arange(S)`` per row by default; ``doc_ids_BS`` (int) restrict attention to earlier
+    tokens of the same document. Attributes: ``embed`` (``nn.Embedding``), ``layers`` (``nn.ModuleList`` of
+    :class:`DecoderLayer`), ``norm`` (final RMSNorm) and ``lm_head`` (``nn.Linear(dim, V)`` without bias,
+    or None when ``tie_embeddings``: the head then reads ``embed.weight`` at call time, so the tie survives
+    ``to_empty`` and state-dict loading).
+
+    Construction draws random numbers only in :meth:`init_weights`: the modules are built on the meta
+    device and then materialised on the ambient default device, so ``Transformer(cfg)`` after
+    ``torch.manual_seed(s)`` equals a model built under ``torch.device("meta")``, moved with
+    ``to_empty(device=...)`` and initialised with ``init_weights()`` after the same seed. Under a meta
+    device context nothing is allocated. Nothing communicates.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        check_model_config(cfg)
+        self.cfg = cfg
+        device = torch.get_default_device()  # honours `with torch.device(...)` and set_default_device
+        with torch.device("meta"):
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+            self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+            self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if device.type != "meta":
+            self.to_empty(device=device)
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Deterministic given the RNG state: normal(0, init_std) for every weight matrix (embedding, attention,
+        router, stacked experts, shared expert and gate, head), ones for norm weights, zeros for biases;
+        visits embed, each layer in order, norm, lm_head.
+        """
+        nn.init.normal_(self.embed.weight, mean=0.0, std=self.cfg.init_std)
+        for layer in self.layers:
+            layer.init_weights()
+        self.norm.init_weights()
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=self.cfg.init_std)
+
+    def set_attention_core(self, core: nn.Module) -> None:
+        """Install ``core`` (see :mod:`sparsetron.model.attention` for its interface) in every layer."""
+        for layer in self.layers:
+            layer.attn.core = core
+
+    def forward(
+        self,
+        tokens_BS: torch.Tensor,
+        positions_BS: torch.Tensor | None = None,
+        doc_ids_BS: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        if positions_BS is None:
+            batch, seq_len = tokens_BS.shape
+            positions_BS = torch.arange(seq_len, device=tokens_BS.device).expand(batch, seq_len)
+        h_BSD = self.embed(tokens_BS)
+        aux_losses = []
+        tokens_per_expert = []
+        for layer in self.layers:
+            h_BSD, aux_loss, tokens_per_expert_E = layer(h_BSD, positions_BS, doc_ids_BS)
+            aux_losses.append(aux_loss)
+            tokens_per_expert.append(tokens_per_expert_E)
+        h_BSD = self.norm(h_BSD)
+        head_weight_VD = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return ModelOutput(
+            logits_BSV=F.linear(h_BSD, head_weight_VD),
+            aux_loss=torch.stack(aux_losses).sum(),
+            tokens_per_expert_LE=torch.stack(tokens_per_expert),
+        )
+
+
+def count_parameters(model_or_cfg: nn.Module | ModelConfig) -> tuple[int, int]:
+    """``(total, active)`` parameter counts of a model (any device, meta included) or of a config.
+
+    ``active`` counts, per MoE layer, ``top_k`` of the ``num_experts`` routed experts, plus everything else
+    (attention, norms, router, shared expert, embedding, head). A config is counted by building its model
+    on the meta device, so nothing is allocated.
+    """
+    if isinstance(model_or_cfg, ModelConfig):
+        with torch.device("meta"):
+            model_or_cfg = Transformer(model_or_cfg)
+    total = sum(p.numel() for p in model_or_cfg.parameters())
+    inactive = 0
+    for module in model_or_cfg.modules():
+        if isinstance(module, MoE):
+            routed = sum(p.numel() for p in module.experts.parameters())
+            inactive += routed // module.num_experts * (module.num_experts - module.top_k)
+    return total, total - inactive

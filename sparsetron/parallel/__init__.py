@@ -1,0 +1,1 @@
+"""How work is split: context parallelism (``context``), expert parallelism (``expert``), data parallelism (``data``)."""
