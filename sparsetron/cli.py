@@ -9,6 +9,7 @@ overrides (applied last), e.g.::
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -38,9 +39,11 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Print, check and document job configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+data_app = typer.Typer(help="Prepare token stores for training.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
-err = Console(stderr=True)
-out = Console()
+stderr = Console(stderr=True)
+stdout = Console()
 
 ARGS_HELP = "YAML config files (merged left to right) and key=value overrides (applied last)."
 ArgsT = Annotated[list[str] | None, typer.Argument(help=ARGS_HELP)]
@@ -55,7 +58,7 @@ def _split_args(args: list[str] | None, *, default_config: bool) -> tuple[list[s
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    stderr.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -70,7 +73,7 @@ def _load(args: list[str] | None, *, default_config: bool = False):
 @config_app.command("show")
 def config_show(args: ArgsT = None) -> None:
     """Print the resolved config (defaults < model preset < files < overrides) as YAML."""
-    out.print(to_yaml(_load(args)), end="", highlight=False)
+    stdout.print(to_yaml(_load(args)), end="", highlight=False)
 
 
 @config_app.command("check")
@@ -94,7 +97,7 @@ def config_check(
         dims = check_job(cfg, world)
     except LayoutError as exc:
         raise _fail(str(exc)) from exc
-    out.print(f"ok: {dims} (edp={dims.edp}, cp_ring={dims.cp_ring})")
+    stdout.print(f"ok: {dims} (edp={dims.edp}, cp_ring={dims.cp_ring})")
 
 
 @config_app.command("docs")
@@ -125,7 +128,7 @@ def config_docs(
         raise _fail(
             f"no config keys under '{section}'; sections: model, parallel, train, train.dp, data, checkpoint, cluster"
         )
-    out.print(table)
+    stdout.print(table)
 
 
 @app.command(context_settings={"allow_interspersed_args": True})
@@ -172,7 +175,7 @@ def train(
             write_resolved(cfg, cfg.train.run_dir)
         raise typer.Exit(worker.run(cfg))
     resolved = write_resolved(cfg, cfg.train.run_dir)
-    out.print(f"resolved config written to {resolved}; starting {world} process(es)")
+    stdout.print(f"resolved config written to {resolved}; starting {world} process(es)")
     raise typer.Exit(_torchrun(world, ["-m", "sparsetron.train.worker", str(resolved)]))
 
 
@@ -188,12 +191,49 @@ def _torchrun(nproc: int, command: list[str]) -> int:
     try:
         run(get_args_parser().parse_args(argv))
     except ChildFailedError as exc:
-        err.print(
+        stderr.print(
             f"[bold red]error:[/bold red] {exc.get_first_failure()[1].message if exc.failures else exc}"
         )
-        err.print(str(exc))
+        stderr.print(str(exc))
         return 1
     return 0
+
+
+@data_app.command("prepare")
+def data_prepare(
+    inputs: Annotated[list[Path], typer.Argument(help="Text files; each is one document.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory of the zarr token store to create.")],
+    tokenizer: Annotated[
+        str, typer.Option(help="bytes (built in) or the name/path of an installed HF tokenizer.")
+    ] = "bytes",
+) -> None:
+    """Tokenise text files into a zarr token store (tokens + document boundaries) for data.source=zarr."""
+    from sparsetron.train.data import prepare_cli
+
+    try:
+        stats = prepare_cli([str(p) for p in inputs], str(out), tokenizer)
+    except (ValueError, OSError) as exc:
+        raise _fail(str(exc)) from exc
+    stdout.print(str(stats), highlight=False)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory holding metrics.jsonl.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Where to write the PNGs (default RUN_DIR/report).")
+    ] = None,
+) -> None:
+    """Plot a run: loss and lr, tokens/s, expert load per layer, grad norm (PNGs) plus a text summary."""
+    from sparsetron.train.report import make_report
+
+    try:
+        result = make_report(run_dir, out)
+    except (ValueError, OSError) as exc:
+        raise _fail(str(exc)) from exc
+    stdout.print(result.summary, highlight=False)
+    for png in result.pngs:
+        stdout.print(f"wrote {png}", highlight=False)
 
 
 def _later(command: str, lands_with: str, today: str) -> None:

@@ -2,7 +2,7 @@
 
 Started once per process by torchrun (``sparsetron train --nproc N``), srun or mpirun. It discovers its
 place in the job, joins the process group, builds the layout's meshes and verifies them with real
-collectives on every axis, then reports the topology.
+collectives on every axis, reports the topology, and trains.
 """
 
 from __future__ import annotations
@@ -21,11 +21,7 @@ from sparsetron.dist.env import resolve_device_type
 from sparsetron.dist.health import gather_topology, verify_mesh
 from sparsetron.dist.layout import DENSE_AXES, EXPERT_AXES, mesh_axis_names
 from sparsetron.dist.preflight import check_job
-
-TRAINER_PENDING = (
-    "The training loop is not available yet: it lands with the trainer issue (model, data, FSDP2, checkpoints). "
-    "This run checked the process topology only."
-)
+from sparsetron.train.trainer import NotAvailableYet, TrainingDiverged, TrainResult, train
 
 
 def _topology_table(topology: list[dict]) -> Table:
@@ -38,6 +34,26 @@ def _topology_table(topology: list[dict]) -> Table:
             str(row["rank"]), row["host"], str(row["local_rank"]), *(str(row["coords"][a]) for a in axes)
         )
     return table
+
+
+def _summary(result: TrainResult) -> str:
+    lines = ["[bold]run summary[/bold]"]
+    if result.first_loss is not None:
+        lines.append(
+            f"  loss        {result.first_loss:.4f} -> {result.last_loss:.4f} over steps trained this run"
+        )
+    lines.append(
+        f"  steps       {result.steps_done}"
+        + ("  (stopped by a signal; rerun to resume)" if result.preempted else "")
+    )
+    lines.append(f"  throughput  {result.mean_tokens_per_s:,.0f} tokens/s (mean over steps)")
+    if result.eval_accuracy is not None:
+        lines.append(f"  eval        accuracy {result.eval_accuracy:.1%}")
+    lines.append(
+        f"  run dir     {result.run_dir}  (metrics.jsonl, config.yaml; `sparsetron report {result.run_dir}`)"
+    )
+    lines.append(f"  checkpoint  {result.checkpoint}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,13 +75,11 @@ def run(cfg: Config) -> int:
         mesh = dims.build_mesh(device_type)
         groups = verify_mesh(mesh, device=device_type)
         topology = gather_topology(mesh, penv.local_rank)
+        console = Console()
+        run_dir = Path(cfg.train.run_dir)
         if penv.rank == 0:
-            console = Console()
             console.print(f"[bold]layout[/bold] {dims} via {penv.launcher}, backend {dist.get_backend()}")
             console.print(_topology_table(topology))
-            for axis in mesh_axis_names():
-                console.print(f"  {axis:>12}: groups {dims.groups_of(axis)}")
-            run_dir = Path(cfg.train.run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             report = {
                 "layout": dims.__dict__,
@@ -75,10 +89,14 @@ def run(cfg: Config) -> int:
                 "launcher": penv.launcher,
             }
             (run_dir / "topology.json").write_text(json.dumps(report, indent=2))
-            console.print(
-                f"all {len(mesh_axis_names())} mesh axes verified with all-gathers; wrote {run_dir / 'topology.json'}"
-            )
-            console.print(TRAINER_PENDING)
+        try:
+            result = train(cfg, mesh, device_type)
+        except (NotAvailableYet, TrainingDiverged) as exc:
+            if penv.rank == 0:
+                console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+            return 2 if isinstance(exc, NotAvailableYet) else 1
+        if penv.rank == 0:
+            console.print(_summary(result))
     finally:
         dist.destroy_process_group()
     return 0
