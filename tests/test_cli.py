@@ -50,8 +50,8 @@ def test_config_check_passes_and_fails():
     bad = invoke("config", "check", DEMO, "parallel.cp=4", "--world-size", "6")
     assert bad.exit_code == 2
     text = " ".join(bad.output.split())
-    assert "world_size=6" in text and "cp=4" in text and "dp_shard=2" in text and "ep=2" in text
-    assert "1 × 2 × 4 = 8 must equal world_size=6" in text
+    assert "world_size=6" in text and "cp=4" in text and "dp_replicate=2" in text and "dp_shard=2" in text
+    assert "ep=1" in text and "2 × 2 × 4 = 16 must equal world_size=6" in text
 
 
 def test_config_check_defaults_to_the_cluster_size():
@@ -92,10 +92,29 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
+QUICK = [
+    "model.preset=tiny",
+    "train.seq_len=128",
+    "train.global_batch_tokens=1024",
+    "train.steps=2",
+    "train.warmup_steps=1",
+]
+
+
 def test_train_starts_local_processes_through_torchrun(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "sparsetron.cli", "train", DEMO, f"train.run_dir={run_dir}", "--nproc", "4"],
+        [
+            sys.executable,
+            "-m",
+            "sparsetron.cli",
+            "train",
+            DEMO,
+            *QUICK,
+            f"train.run_dir={run_dir}",
+            "--nproc",
+            "4",
+        ],
         capture_output=True,
         text=True,
         timeout=180,
@@ -105,9 +124,14 @@ def test_train_starts_local_processes_through_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     topology = json.loads((run_dir / "topology.json").read_text())
     assert topology["launcher"] == "torchrun"
-    assert topology["groups"]["cp"] == [[0, 1], [2, 3]] and topology["groups"]["edp"] == [[0, 2], [1, 3]]
+    assert topology["groups"]["dp_shard"] == [[0, 1], [2, 3]] and topology["groups"]["dp_replicate"] == [
+        [0, 2],
+        [1, 3],
+    ]
     assert sorted(r["rank"] for r in topology["ranks"]) == [0, 1, 2, 3]
-    assert "dp_shard: 2" in (run_dir / "config.yaml").read_text()
+    assert "dp_replicate: 2" in (run_dir / "config.yaml").read_text()
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    assert "run summary" in proc.stdout
 
 
 def test_train_refuses_a_bad_layout_before_starting_anything(tmp_path):
@@ -139,9 +163,8 @@ def test_train_under_an_external_torchrun_runs_each_rank(tmp_path):
             "sparsetron.cli",
             "train",
             DEMO,
-            "parallel.dp_shard=1",
-            "parallel.ep=1",
-            "train.global_batch_tokens=2048",
+            *QUICK,
+            "parallel.dp_replicate=1",
             f"train.run_dir={run_dir}",
         ],
         capture_output=True,
@@ -152,4 +175,5 @@ def test_train_under_an_external_torchrun_runs_each_rank(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     topology = json.loads((run_dir / "topology.json").read_text())
-    assert topology["groups"]["cp"] == [[0, 1]] and topology["launcher"] == "torchrun"
+    assert topology["groups"]["dp_shard"] == [[0, 1]] and topology["launcher"] == "torchrun"
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2

@@ -6,13 +6,25 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsetron.config import default_run_config, load_config
+from sparsetron.config import load_config
 from sparsetron.dist import LayoutError, ParallelDims
 from sparsetron.dist.preflight import check_job
 
+# A fixed job, independent of what the shipped demo config happens to say: 8 experts, 8/4 heads,
+# 2048-token sequences, 4 sequences per step, FSDP2 2 × CP 2 with experts folded as ep 2.
+JOB = [
+    "model.preset=demo",
+    "parallel.dp_replicate=1",
+    "parallel.dp_shard=2",
+    "parallel.cp=2",
+    "parallel.ep=2",
+    "train.seq_len=2048",
+    "train.global_batch_tokens=8192",
+]
+
 
 def demo(*overrides: str):
-    return load_config(default_run_config(), list(overrides))
+    return load_config(None, [*JOB, *overrides])
 
 
 def suggested_overrides(message: str) -> list[list[str]]:
@@ -37,7 +49,7 @@ def test_world_six_with_cp_four_names_everything_and_offers_a_valid_layout():
     alternatives = suggested_overrides(message)
     assert alternatives
     for alt in alternatives:
-        check_job(load_config(default_run_config(), [*cfg_overrides(cfg), *alt]), 6)
+        check_job(demo(*cfg_overrides(cfg), "parallel.cp=4", "parallel.dp_shard=-1", *alt), 6)
 
 
 def cfg_overrides(cfg) -> list[str]:

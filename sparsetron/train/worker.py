@@ -75,7 +75,7 @@ def run(cfg: Config) -> int:
         mesh = dims.build_mesh(device_type)
         groups = verify_mesh(mesh, device=device_type)
         topology = gather_topology(mesh, penv.local_rank)
-        console = Console()
+        console = Console(soft_wrap=True)
         run_dir = Path(cfg.train.run_dir)
         if penv.rank == 0:
             console.print(f"[bold]layout[/bold] {dims} via {penv.launcher}, backend {dist.get_backend()}")

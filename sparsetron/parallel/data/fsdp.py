@@ -1,0 +1,73 @@
+"""FSDP2 (``fully_shard``) over ``dp_shard``, replicated over ``dp_replicate`` (HSDP), per decoder layer.
+
+Each decoder layer is its own FSDP unit so only one layer's parameters are unsharded at a time; the root
+unit holds the embedding, final norm and head. With ``dp_replicate > 1`` the mesh is 2-D
+(``dp_replicate × dp_shard``): parameters are sharded within a replica and gradients all-reduced across
+replicas, i.e. plain data parallelism over replicas.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparsetron.dist.layout import ParallelMesh
+
+
+def _fsdp_api():
+    # torch >= 2.6 exports fully_shard publicly; keep one place that knows where it lives.
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    return fully_shard, MixedPrecisionPolicy
+
+
+def apply_activation_checkpointing(layers: nn.ModuleList) -> None:
+    """Recompute each layer's activations in backward (trades ~1 extra forward for activation memory)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    # checkpoint_wrapper keeps the wrapped module's state-dict keys, so checkpoints stay interchangeable.
+    for index, layer in enumerate(layers):
+        layers[index] = checkpoint_wrapper(layer, preserve_rng_state=False)
+
+
+def apply_data_parallel(
+    model: nn.Module, mesh: ParallelMesh, *, param_dtype: torch.dtype | None = None
+) -> bool:
+    """Shard ``model`` with FSDP2 over the data-parallel axes of ``mesh``; returns False when dp == 1 (no-op).
+
+    Communicates (during forward/backward) over ``dp_shard`` (all-gather, reduce-scatter) and
+    ``dp_replicate`` (gradient all-reduce). ``param_dtype`` (e.g. bf16 on GPU) casts parameters for compute
+    while gradients are reduced in fp32.
+    """
+    dims = mesh.dims
+    if dims.dp_replicate * dims.dp_shard == 1:
+        return False
+    fully_shard, MixedPrecisionPolicy = _fsdp_api()
+    dp_mesh = mesh.dense["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh.submesh("dp_shard")
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for layer in model.layers:
+        fully_shard(layer, mesh=dp_mesh, mp_policy=policy)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+    return True
+
+
+def fsdp_comm_bytes_per_step(model: nn.Module, mesh: ParallelMesh, micro_batches: int) -> int:
+    """Bytes this rank sends per optimizer step for FSDP2/HSDP traffic, from the collective sizes.
+
+    Per micro-batch each shard is all-gathered twice (forward, and again in backward after resharding):
+    a ring all-gather of a tensor of N elements over W ranks sends N·(W−1)/W per rank. Gradients are
+    reduce-scattered once per step (gradient sync is off for all but the last micro-batch), also
+    N·(W−1)/W, and with replicas all-reduced across them: 2·(N/W)·(R−1)/R.
+    """
+    dims = mesh.dims
+    w, r = dims.dp_shard, dims.dp_replicate
+    if w * r == 1:
+        return 0
+    total = 0
+    for param in model.parameters():
+        numel = param.numel()  # global element count, also for DTensor parameters
+        nbytes = numel * param.element_size()
+        shard_share = nbytes * (w - 1) / w
+        total += 2 * micro_batches * shard_share + shard_share
+        total += 2 * (nbytes / w) * (r - 1) / r
+    return int(total)
