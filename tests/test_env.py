@@ -708,7 +708,7 @@ def test_cuda_unavailable_here() -> None:
 
 
 def test_default_backend() -> None:
-    assert default_backend("cuda") == "nccl"
+    assert default_backend("cuda") == "cpu:gloo,cuda:nccl"
     assert default_backend("cpu") == "gloo"
 
 

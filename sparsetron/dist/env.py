@@ -398,8 +398,9 @@ def discover(env: Mapping[str, str] | None = None, *, mpi_comm=None) -> ProcessE
 
 
 def default_backend(device_type: str) -> str:
-    """``nccl`` for CUDA devices, ``gloo`` for the CPU."""
-    return "nccl" if device_type == "cuda" else "gloo"
+    """``cpu:gloo,cuda:nccl`` for CUDA jobs (NCCL for GPU tensors, gloo for the CPU tensors and objects that
+    checkpointing and bookkeeping exchange), ``gloo`` for CPU-only jobs."""
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
 
 
 def resolve_device_type(requested: str = "auto") -> str:

@@ -88,8 +88,9 @@ def build_model(cfg: Config, mesh: ParallelMesh, device_type: str, compute_dtype
     """Build, initialise and shard the model identically on every layout.
 
     On the CPU the full model is initialised from the seed on every rank before sharding, so every layout
-    starts from the same weights bit for bit. On GPUs the model is built on the meta device, sharded, then
-    materialised shard by shard (DTensor's RNG keeps the values independent of the sharding).
+    starts from the same weights bit for bit (tested). On GPUs the model is built on the meta device, sharded,
+    then materialised shard by shard from the CUDA generator, so no rank ever holds the full model; those
+    weights differ from a CPU run of the same seed (the generators differ).
     """
     torch.manual_seed(cfg.train.seed)
     if device_type == "cpu":
@@ -110,8 +111,9 @@ def build_model(cfg: Config, mesh: ParallelMesh, device_type: str, compute_dtype
     return model
 
 
-def _all_reduce(values: list[float], group=None) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+def _all_reduce(values: list[float], group, device: torch.device) -> list[float]:
+    """Sum ``values`` over ``group`` (the world when None); on the compute device so NCCL can carry it."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t, group=group)
     return t.tolist()
@@ -209,7 +211,9 @@ def train(
     comm_bytes = fsdp_comm_bytes_per_step(model, mesh, micro_batches)
     flops_per_token = _flops_per_token(cfg)
     peak = peak_flops(torch.cuda.get_device_name()) if device_type == "cuda" else None
-    autocast = torch.autocast("cuda", dtype=compute_dtype) if device_type == "cuda" and dims.dp == 1 else None
+    # Without FSDP (one data-parallel rank) there is no mixed-precision policy, so bf16 comes from autocast.
+    use_autocast = device_type == "cuda" and dims.dp == 1 and compute_dtype != torch.float32
+    autocast = torch.autocast("cuda", dtype=compute_dtype) if use_autocast else None
     stop = _StopFlag()
     losses: list[float] = []
     rates: list[float] = []
@@ -222,7 +226,7 @@ def train(
                 group["lr"] = cfg.train.lr * lr_factor(step, cfg.train)
             batches = loader.batch(step)
             local_targets = sum(int((mb.targets_BS != -100).sum()) for mb in batches)
-            (global_targets,) = _all_reduce([float(local_targets)], dp_group)
+            (global_targets,) = _all_reduce([float(local_targets)], dp_group, device)
             if global_targets == 0:
                 raise ValueError(f"step {step}: the global batch has no target tokens (every target is -100)")
 
@@ -308,7 +312,7 @@ def train(
                 status += f"  {cfg.data.task} acc {eval_accuracy:.2%}"
             progress.update(step, status)
 
-            (stop_now,) = _all_reduce([1.0 if stop.raised else 0.0])
+            (stop_now,) = _all_reduce([1.0 if stop.raised else 0.0], None, device)
             stop_now = stop_now or (stop_after is not None and len(losses) >= stop_after and not is_last)
             interval = cfg.checkpoint.interval
             if is_last or stop_now or (interval and (step + 1) % interval == 0):
@@ -358,5 +362,5 @@ def evaluate(model, source, cfg: Config, device, dp_group, dp_size: int, dp_rank
     hits = source.sample_correct(model_fn, indices)
     model.train(was_training)
     counted = [hit for slot, hit in zip(slots, hits, strict=True) if slot < cfg.train.eval_samples]
-    total_correct, total = _all_reduce([float(sum(counted)), float(len(counted))], dp_group)
+    total_correct, total = _all_reduce([float(sum(counted)), float(len(counted))], dp_group, device)
     return total_correct / total
