@@ -1,0 +1,1 @@
+"""Attention and communication kernels: a torch reference for each op (CPU, CI) and fast GPU backends."""
