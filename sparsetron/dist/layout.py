@@ -217,7 +217,11 @@ class ParallelDims:
         # Slicing a flattened dim back out of the root mesh is deprecated from torch 2.11: keep them here.
         flat = {name: dense[spans]._flatten(name) for name, spans in FLAT_AXES.items()}
         expert = DeviceMesh(device_type, self.rank_grid("expert"), mesh_dim_names=EXPERT_AXES)
-        return ParallelMesh(dims=self, dense=dense, expert=expert, flat=flat)
+        # FSDP shards dense weights over dp_shard × cp (cp ranks hold the same weights) and replicates them
+        # over dp_replicate: a 2-D mesh of its own, since a flattened dim cannot be re-sliced from the root.
+        replicas = self.rank_grid("dense").view(self.dp_replicate, -1)
+        fsdp = DeviceMesh(device_type, replicas, mesh_dim_names=("dp_replicate", "dp_shard_cp"))
+        return ParallelMesh(dims=self, dense=dense, expert=expert, flat=flat, fsdp=fsdp)
 
 
 def mesh_axis_names() -> list[str]:
@@ -233,6 +237,7 @@ class ParallelMesh:
     dense: object  # torch.distributed.device_mesh.DeviceMesh over DENSE_AXES
     expert: object  # DeviceMesh over EXPERT_AXES
     flat: dict  # name in FLAT_AXES -> 1-D DeviceMesh flattened from the dense axes it spans
+    fsdp: object  # 2-D DeviceMesh ("dp_replicate", "dp_shard_cp") over which dense weights are sharded
 
     def submesh(self, axis: str):
         """The 1-D ``DeviceMesh`` of ``axis`` that this rank belongs to."""

@@ -149,6 +149,12 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attn.core = core
 
+    def set_sequence_group(self, group: object | None) -> None:
+        """Declare that every sequence is sharded over ``group`` (context parallelism), so per-sequence
+        statistics (the MoE balance loss) combine across it; None for unsharded sequences."""
+        for layer in self.layers:
+            layer.moe.seq_group = group
+
     def forward(
         self,
         tokens_BS: torch.Tensor,

@@ -8,6 +8,7 @@ the same seed give the same loss curve on every data-parallel layout.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import time
@@ -22,12 +23,13 @@ from sparsetron.checkpoint import Checkpointer
 from sparsetron.config import Config, to_yaml
 from sparsetron.dist.layout import ParallelMesh
 from sparsetron.model import Transformer, count_parameters
+from sparsetron.parallel.context import ContextParallelAttention, shard_sequence, unshard_sequence
 from sparsetron.parallel.data.fsdp import (
     apply_activation_checkpointing,
     apply_data_parallel,
     fsdp_comm_bytes_per_step,
 )
-from sparsetron.train.data import StepLoader, build_source
+from sparsetron.train.data import MicroBatch, StepLoader, build_source
 from sparsetron.train.metrics import MetricsLog, ProgressLine, peak_flops
 from sparsetron.train.optim import build_optimizer, lr_factor
 from sparsetron.train.synthetic import heldout_indices
@@ -58,10 +60,10 @@ class TrainResult:
 
 def _refuse_unavailable(cfg: Config) -> None:
     p = cfg.parallel
-    if p.cp > 1:
+    if p.cp_method.value == "sparse_ring":
         raise NotAvailableYet(
-            f"parallel.cp={p.cp}: context-parallel training is not available yet (it lands with the context-"
-            "parallelism issue). Use parallel.cp=1 and spread ranks over dp_shard / dp_replicate."
+            "parallel.cp_method=sparse_ring: sparse context parallelism is not available yet (it lands with its "
+            "own issue); use parallel.cp_method=ring, ulysses, hybrid or allgather."
         )
     if p.ep > 1:
         raise NotAvailableYet(
@@ -73,6 +75,55 @@ def _refuse_unavailable(cfg: Config) -> None:
             f"train.dp.algorithm={cfg.train.dp.algorithm.value} is not available yet (DiLoCo/SparseLoCo land with "
             "the SparseLoCo issue); use train.dp.algorithm=ddp."
         )
+
+
+class _SequenceSharding:
+    """Splits every micro-batch over the context-parallel group with the configured layout (identity at cp=1)."""
+
+    def __init__(self, cfg: Config, mesh: ParallelMesh):
+        p = cfg.parallel
+        self.group = mesh.group("cp") if mesh.dims.cp > 1 else None
+        self.layout = p.cp_layout.value
+        self.block = p.cp_block if p.cp_layout.value == "striped" else 1
+
+    def shard(self, x_BS: torch.Tensor) -> torch.Tensor:
+        if self.group is None:
+            return x_BS
+        return shard_sequence(x_BS, 1, self.group, self.layout, self.block)
+
+    def shard_batch(self, mb: MicroBatch) -> MicroBatch:
+        """This rank's part of every sequence of ``mb`` (tokens, targets, RoPE positions and doc ids alike)."""
+        if self.group is None:
+            return mb
+        return dataclasses.replace(
+            mb,
+            tokens_BS=self.shard(mb.tokens_BS),
+            targets_BS=self.shard(mb.targets_BS),
+            positions_BS=self.shard(mb.positions_BS),
+            doc_ids_BS=self.shard(mb.doc_ids_BS),
+        )
+
+    def unshard(self, x_BS: torch.Tensor) -> torch.Tensor:
+        if self.group is None:
+            return x_BS
+        return unshard_sequence(x_BS, 1, self.group, self.layout, self.block)
+
+
+def install_context_parallelism(model: Transformer, cfg: Config, mesh: ParallelMesh) -> None:
+    """With cp > 1, make every attention layer a context-parallel core and shard per-sequence MoE statistics."""
+    if mesh.dims.cp == 1:
+        return
+    p = cfg.parallel
+    group = (
+        (mesh.group("cp_ring"), mesh.group("cp_ulysses"))
+        if p.cp_method.value == "hybrid"
+        else mesh.group("cp")
+    )
+    block = p.cp_block if p.cp_layout.value == "striped" else 1
+    model.set_attention_core(
+        ContextParallelAttention(group, method=p.cp_method.value, layout=p.cp_layout.value, block=block)
+    )
+    model.set_sequence_group(mesh.group("cp"))
 
 
 def _compute_dtype(cfg: Config, device_type: str) -> torch.dtype:
@@ -95,12 +146,14 @@ def build_model(cfg: Config, mesh: ParallelMesh, device_type: str, compute_dtype
     torch.manual_seed(cfg.train.seed)
     if device_type == "cpu":
         model = Transformer(cfg.model)
+        install_context_parallelism(model, cfg, mesh)
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model.layers)
         apply_data_parallel(model, mesh, param_dtype=None)
         return model
     with torch.device("meta"):
         model = Transformer(cfg.model)
+    install_context_parallelism(model, cfg, mesh)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model.layers)
     param_dtype = compute_dtype if compute_dtype != torch.float32 else None
@@ -173,6 +226,7 @@ def train(
             f"set model.vocab_size>={source.vocab_size}"
         )
     dp_group = mesh.group("dp") if dims.dp > 1 else None
+    sharding = _SequenceSharding(cfg, mesh)
     dp_rank = mesh.coordinate("dp")
     global_seqs = cfg.train.global_batch_tokens // cfg.train.seq_len
     loader = StepLoader(
@@ -212,7 +266,7 @@ def train(
     flops_per_token = _flops_per_token(cfg)
     peak = peak_flops(torch.cuda.get_device_name()) if device_type == "cuda" else None
     # Without FSDP (one data-parallel rank) there is no mixed-precision policy, so bf16 comes from autocast.
-    use_autocast = device_type == "cuda" and dims.dp == 1 and compute_dtype != torch.float32
+    use_autocast = device_type == "cuda" and dims.world_size == 1 and compute_dtype != torch.float32
     autocast = torch.autocast("cuda", dtype=compute_dtype) if use_autocast else None
     stop = _StopFlag()
     losses: list[float] = []
@@ -225,8 +279,10 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = cfg.train.lr * lr_factor(step, cfg.train)
             batches = loader.batch(step)
+            batches = [sharding.shard_batch(mb) for mb in batches]
             local_targets = sum(int((mb.targets_BS != -100).sum()) for mb in batches)
-            (global_targets,) = _all_reduce([float(local_targets)], dp_group, device)
+            # Every rank holds different tokens (dp: other sequences, cp: other parts): sum over the world.
+            (global_targets,) = _all_reduce([float(local_targets)], None, device)
             if global_targets == 0:
                 raise ValueError(f"step {step}: the global batch has no target tokens (every target is -100)")
 
@@ -250,8 +306,8 @@ def train(
                     reduction="sum",
                 )
                 seq_share = tokens.shape[0] / global_seqs
-                # FSDP averages gradients over the dp ranks; scale by dp so the sum over ranks is the global mean.
-                objective = (micro_loss / global_targets + out.aux_loss * seq_share) * dims.dp
+                # FSDP averages gradients over all ranks; scale by the world so their sum is the global mean.
+                objective = (micro_loss / global_targets + out.aux_loss * seq_share) * dims.world_size
                 objective.backward()
                 sums[0] += micro_loss.detach().double()
                 sums[1] += out.aux_loss.detach().double() * seq_share
@@ -263,9 +319,9 @@ def train(
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
             grad_norm = float(grad_norm)
-            if dp_group is not None:
-                dist.all_reduce(sums, group=dp_group)
-                dist.all_reduce(load_LE, group=dp_group)
+            if dims.world_size > 1:
+                dist.all_reduce(sums)
+                dist.all_reduce(load_LE)
             global_loss_sum, global_aux = sums.tolist()
             loss = global_loss_sum / global_targets
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -303,7 +359,7 @@ def train(
             if source.has_accuracy and (
                 is_last or (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0)
             ):
-                eval_accuracy = evaluate(model, source, cfg, device, dp_group, dims.dp, dp_rank)
+                eval_accuracy = evaluate(model, source, cfg, device, dp_group, dims.dp, dp_rank, sharding)
                 record["eval_accuracy"] = eval_accuracy
                 record["eval_task"] = cfg.data.task
             metrics.write(record)
@@ -339,8 +395,9 @@ def train(
 
 
 @torch.no_grad()
-def evaluate(model, source, cfg: Config, device, dp_group, dp_size: int, dp_rank: int) -> float:
-    """Held-out accuracy of the synthetic task, split over the data-parallel ranks (all-reduce over dp).
+def evaluate(model, source, cfg: Config, device, dp_group, dp_size: int, dp_rank: int, sharding) -> float:
+    """Held-out accuracy of the synthetic task, split over the data-parallel ranks (all-reduce over dp);
+    context-parallel ranks score the same samples together (inputs sharded, logits gathered over cp).
 
     Every rank scores the same number of samples (FSDP's collectives in forward must match across ranks),
     so the sample list is padded to a multiple of dp_size and the padding is not counted.
@@ -362,5 +419,7 @@ def evaluate(model, source, cfg: Config, device, dp_group, dp_size: int, dp_rank
     hits = source.sample_correct(model_fn, indices)
     model.train(was_training)
     counted = [hit for slot, hit in zip(slots, hits, strict=True) if slot < cfg.train.eval_samples]
+    if dp_size == 1:
+        return sum(counted) / len(counted)
     total_correct, total = _all_reduce([float(sum(counted)), float(len(counted))], dp_group, device)
     return total_correct / total

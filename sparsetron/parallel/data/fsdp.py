@@ -1,4 +1,4 @@
-"""FSDP2 (``fully_shard``) over ``dp_shard``, replicated over ``dp_replicate`` (HSDP), per decoder layer.
+"""FSDP2 (``fully_shard``) over ``dp_shard × cp``, replicated over ``dp_replicate`` (HSDP), per decoder layer.
 
 Each decoder layer is its own FSDP unit so only one layer's parameters are unsharded at a time; the root
 unit holds the embedding, final norm and head. With ``dp_replicate > 1`` the mesh is 2-D
@@ -33,17 +33,18 @@ def apply_activation_checkpointing(layers: nn.ModuleList) -> None:
 def apply_data_parallel(
     model: nn.Module, mesh: ParallelMesh, *, param_dtype: torch.dtype | None = None
 ) -> bool:
-    """Shard ``model`` with FSDP2 over the data-parallel axes of ``mesh``; returns False when dp == 1 (no-op).
+    """Shard ``model`` with FSDP2 over ``dp_shard × cp``, replicated over ``dp_replicate``; False on one rank.
 
-    Communicates (during forward/backward) over ``dp_shard`` (all-gather, reduce-scatter) and
-    ``dp_replicate`` (gradient all-reduce). ``param_dtype`` (e.g. bf16 on GPU) casts parameters for compute
-    while gradients are reduced in fp32.
+    Context-parallel ranks hold the same weights and their gradients must be summed, so they join the shard
+    axis (as torchtitan does). Communicates (during forward/backward) over ``dp_shard_cp`` (all-gather,
+    reduce-scatter) and ``dp_replicate`` (gradient all-reduce). ``param_dtype`` (e.g. bf16 on GPU) casts
+    parameters for compute while gradients are reduced in fp32. Gradients are averaged over all ranks.
     """
     dims = mesh.dims
-    if dims.dp_replicate * dims.dp_shard == 1:
+    if dims.world_size == 1:
         return False
     fully_shard, MixedPrecisionPolicy = _fsdp_api()
-    dp_mesh = mesh.dense["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh.submesh("dp_shard")
+    dp_mesh = mesh.fsdp if dims.dp_replicate > 1 else mesh.flat["dp_shard_cp"]
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for layer in model.layers:
         fully_shard(layer, mesh=dp_mesh, mp_policy=policy)
@@ -60,7 +61,7 @@ def fsdp_comm_bytes_per_step(model: nn.Module, mesh: ParallelMesh, micro_batches
     N·(W−1)/W, and with replicas all-reduced across them: 2·(N/W)·(R−1)/R.
     """
     dims = mesh.dims
-    w, r = dims.dp_shard, dims.dp_replicate
+    w, r = dims.dp_shard * dims.cp, dims.dp_replicate
     if w * r == 1:
         return 0
     total = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from sparsetron.parallel.expert.experts import SwiGLU, SwiGLUExperts
@@ -24,16 +25,27 @@ class MoEStats:
     tokens_per_expert_E: torch.Tensor
 
 
-def sequence_aux_loss(probs_BSE: torch.Tensor, counts_BE: torch.Tensor, top_k: int) -> torch.Tensor:
+def sequence_aux_loss(
+    probs_BSE: torch.Tensor, counts_BE: torch.Tensor, top_k: int, seq_group: object | None = None
+) -> torch.Tensor:
     """Switch load-balancing loss per sequence, averaged over sequences (fp32 scalar, no coefficient).
 
     For sequence b: ``f_be = counts_be / (S·k)``, ``P_be = mean_s probs_bse``, ``aux_b = E · Σ_e f_be·P_be``.
     Averaging per-sequence values makes the loss independent of how sequences are grouped into
     micro-batches or data-parallel ranks.
+
+    With context parallelism each rank holds a shard of every sequence; ``seq_group`` is that group. The
+    counts (no gradient) are all-reduced over it, and each rank keeps only its own tokens' share of
+    ``P_be``, so the ranks' values sum to the unsharded loss, gradient included.
     """
-    _, seq_len, num_experts = probs_BSE.shape
+    _, local_len, num_experts = probs_BSE.shape
+    seq_len = local_len
+    if seq_group is not None:
+        counts_BE = counts_BE.clone()
+        dist.all_reduce(counts_BE, group=seq_group)
+        seq_len = local_len * dist.get_world_size(seq_group)
     fraction_BE = counts_BE / (seq_len * top_k)
-    mean_prob_BE = probs_BSE.mean(dim=1)
+    mean_prob_BE = probs_BSE.sum(dim=1) / seq_len
     return (num_experts * (fraction_BE * mean_prob_BE).sum(dim=-1)).mean()
 
 
@@ -73,6 +85,8 @@ class MoE(nn.Module):
             )
         self.num_experts = num_experts
         self.top_k = top_k
+        # The context-parallel group when sequences are sharded (set by Transformer.set_sequence_group).
+        self.seq_group = None
         self.aux_loss_coef = aux_loss_coef
         self.init_std = init_std
         self.router = build_router(
@@ -109,7 +123,9 @@ class MoE(nn.Module):
             counts_BE.scatter_add_(1, indices_BN, torch.ones_like(indices_BN, dtype=torch.float32))
         if self.aux_loss_coef:
             probs_BSE = route.probs_TE.view(batch, seq_len, self.num_experts)
-            aux_loss = self.aux_loss_coef * sequence_aux_loss(probs_BSE, counts_BE, self.top_k)
+            aux_loss = self.aux_loss_coef * sequence_aux_loss(
+                probs_BSE, counts_BE, self.top_k, self.seq_group
+            )
         else:
             aux_loss = counts_BE.new_zeros(())
         return y_TD.view(batch, seq_len, dim), MoEStats(aux_loss, counts_BE.sum(dim=0))
