@@ -89,7 +89,8 @@ def context_attention(
     _check_shapes(q, k, v, doc_ids)
     rank, world = _cp_rank_world(group, method)
     check_shardable(q.shape[1] * world, world, layout, block)
-    q_index = global_token_index(q.shape[1] * world, rank, world, layout, block).to(q.device)
+    # Host-side indices: the kernels plan their block decomposition on the CPU without device syncs.
+    q_index = global_token_index(q.shape[1] * world, rank, world, layout, block)
     kwargs = {"q_index_S": q_index, "causal": causal, "doc_ids_BS": doc_ids, "window": window, "scale": scale}
     if method == "ring":
         from sparsetron.parallel.context.ring import ring_attention

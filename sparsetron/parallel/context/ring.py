@@ -20,6 +20,7 @@ import torch.distributed as dist
 from sparsetron.dist.comm import all_gather_equal, ring_shift
 from sparsetron.kernels.attention import block_attention_backward, block_attention_forward
 from sparsetron.kernels.attention_ref import merge_partials
+from sparsetron.parallel.context.autograd_ops import gather_token_indices
 
 
 def _source(rank: int, step: int, world: int) -> int:
@@ -31,7 +32,8 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, q_index_S, doc_ids_BS, group, causal, window, scale):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         # Indices and doc ids of every shard: small int tensors, gathered once instead of travelling each step.
-        indices = all_gather_equal(q_index_S.to(q.device), group)
+        # The kernels plan on host-side indices; gathering them on the CPU avoids a device sync per step.
+        indices = gather_token_indices(q_index_S, group=group, device=q.device).view(world, -1).unbind(0)
         docs = all_gather_equal(doc_ids_BS, group) if doc_ids_BS is not None else [None] * world
         kv = torch.stack([k, v]).contiguous()  # one message per step instead of two
         spare = torch.empty_like(kv)
