@@ -63,7 +63,7 @@ def _worker_main(
         world_size=world_size,
         timeout=datetime.timedelta(seconds=pg_timeout_s),
     )
-    conn.send(("ready", rank))
+    conn.send(("ready", rank, 1))
     while True:
         task = conn.recv()
         if task is None:
@@ -74,10 +74,23 @@ def _worker_main(
         except BaseException as exc:
             result = ("err", "".join(traceback.format_exception(exc)))
         try:
-            conn.send(result)
+            conn.send((*result, _live_group_count()))
         except Exception as exc:  # the result itself did not pickle
-            conn.send(("err", f"rank {rank}: result of {fn.__name__} could not be sent back: {exc!r}"))
+            conn.send(("err", f"rank {rank}: result of {fn.__name__} could not be sent back: {exc!r}", 0))
     dist.destroy_process_group()
+
+
+#: Every DeviceMesh a task builds creates a dozen gloo groups, each with its own threads, and DeviceMesh caches
+#: them, so they cannot be destroyed behind its back. A pool whose ranks hold more groups than this is retired
+#: after the task and rebuilt on the next call (about a second) instead of crawling under thousands of threads.
+MAX_GROUPS_PER_RANK = 200
+
+
+def _live_group_count() -> int:
+    """Process groups alive in this process, the world's included (torch keeps them in its group map)."""
+    import torch.distributed.distributed_c10d as c10d
+
+    return len(c10d._world.pg_map)
 
 
 class RankPool:
@@ -116,7 +129,7 @@ class RankPool:
             self._conns.append(parent)
             self._procs.append(proc)
         replies = self._collect(start_timeout_s, "start")
-        bad = [r for r, (kind, _) in replies.items() if kind != "ready"]
+        bad = [r for r, (kind, *_) in replies.items() if kind != "ready"]
         if bad:
             self.close()
             raise RankFailure(f"ranks {bad} of a {world_size}-rank pool failed to start: {replies}")
@@ -138,10 +151,13 @@ class RankPool:
         for conn in self._conns:
             conn.send((fn, args, kwargs))
         replies = self._collect(timeout, fn.__name__)
-        return [payload for _, payload in (replies[r] for r in range(self.world_size))]
+        if max(groups for _, _, groups in replies.values()) > MAX_GROUPS_PER_RANK:
+            self.close()
+        return [replies[r][1] for r in range(self.world_size)]
 
-    def _collect(self, timeout: float, what: str) -> dict[int, tuple[str, Any]]:
-        replies: dict[int, tuple[str, Any]] = {}
+    def _collect(self, timeout: float, what: str) -> dict[int, tuple[str, Any, int]]:
+        """Replies ``(kind, payload, live groups)`` per rank, raising on failure or timeout."""
+        replies: dict[int, tuple[str, Any, int]] = {}
         deadline = time.monotonic() + timeout
         failed_at = None
         while len(replies) < self.world_size:
@@ -162,11 +178,15 @@ class RankPool:
                     rank = sentinels[ready]
                     if rank not in replies:
                         self._procs[rank].join(1)
-                        replies[rank] = ("err", f"rank {rank} died (exit code {self._procs[rank].exitcode})")
+                        replies[rank] = (
+                            "err",
+                            f"rank {rank} died (exit code {self._procs[rank].exitcode})",
+                            0,
+                        )
                 if replies.get(rank, ("ok",))[0] == "err" and failed_at is None:
                     failed_at = time.monotonic()
 
-        errors = {r: p for r, (k, p) in replies.items() if k == "err"}
+        errors = {r: p for r, (k, p, _) in replies.items() if k == "err"}
         pending = [r for r in range(self.world_size) if r not in replies]
         if errors:
             first = min(errors)

@@ -206,12 +206,20 @@ def test_cli_trains_reports_and_survives_sigterm(tmp_path):
     assert (run_dir / "report" / "loss_lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_context_parallel_training_says_it_is_not_available_yet(ranks, tmp_path):
+def test_sparse_ring_training_says_it_is_not_available_yet(ranks, tmp_path):
     from multirank import RankFailure
 
-    overrides = [*BASE, "parallel.cp=2", "parallel.dp_shard=1", f"train.run_dir={tmp_path}"]
+    overrides = [
+        *BASE,
+        "parallel.cp=2",
+        "parallel.dp_shard=1",
+        "parallel.cp_method=sparse_ring",
+        "parallel.cp_layout=striped",
+        "parallel.cp_block=16",
+        f"train.run_dir={tmp_path}",
+    ]
     overrides.remove("parallel.cp=1")
-    with pytest.raises(RankFailure, match="context-parallel training is not available yet"):
+    with pytest.raises(RankFailure, match="sparse context parallelism is not available yet"):
         ranks.run(2, _train, overrides, None, timeout=120)
 
 

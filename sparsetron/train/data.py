@@ -188,8 +188,15 @@ def _write_group(documents: Iterable[str], path: Path, tokenizer: Tokenizer) -> 
     """Write the arrays, then the attributes that make the group a valid store; returns (docs, tokens, skipped)."""
     dtype = token_dtype(tokenizer.vocab_size)
     group = zarr.open_group(path, mode="w-", zarr_format=3)
+    # write_empty_chunks: a chunk of token id 0 equals the fill value, and zarr would otherwise skip writing
+    # it — indistinguishable from a shard lost in a partial copy, which open_store must refuse.
     tokens = group.create_array(
-        "tokens", shape=(0,), dtype=dtype, chunks=(CHUNK_TOKENS,), shards=(SHARD_TOKENS,)
+        "tokens",
+        shape=(0,),
+        dtype=dtype,
+        chunks=(CHUNK_TOKENS,),
+        shards=(SHARD_TOKENS,),
+        config={"write_empty_chunks": True},
     )
     digest = hashlib.sha256()
     ends: list[int] = []
