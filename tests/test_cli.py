@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launch_env import clean_env
 from typer.testing import CliRunner
 
 from sparsetron.cli import app
@@ -74,24 +74,6 @@ def test_later_commands_say_so_clearly(command):
     assert f"`sparsetron {command}` is not available yet" in " ".join(result.output.split())
 
 
-def _clean_env() -> dict[str, str]:
-    drop = (
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "SLURM_",
-        "OMPI_",
-        "PMI_",
-        "PMIX_",
-        "TORCHELASTIC",
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 QUICK = [
     "model.preset=tiny",
     "train.seq_len=128",
@@ -118,7 +100,7 @@ def test_train_starts_local_processes_through_torchrun(tmp_path):
         capture_output=True,
         text=True,
         timeout=180,
-        env=_clean_env(),
+        env=clean_env(),
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -141,7 +123,7 @@ def test_train_refuses_a_bad_layout_before_starting_anything(tmp_path):
         capture_output=True,
         text=True,
         timeout=60,
-        env=_clean_env(),
+        env=clean_env(),
         cwd=tmp_path,
     )
     assert proc.returncode == 2
@@ -170,7 +152,7 @@ def test_train_under_an_external_torchrun_runs_each_rank(tmp_path):
         capture_output=True,
         text=True,
         timeout=180,
-        env=_clean_env(),
+        env=clean_env(),
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

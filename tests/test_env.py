@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from launch_env import clean_env, is_launcher_var
 
 from sparsetron.dist import DistEnvError, ProcessEnv, discover, init_distributed
 from sparsetron.dist.env import default_backend, expand_hostlist, resolve_device_type
@@ -55,44 +56,6 @@ SLURM = {
 SLURM_PORT = 20000 + 123456 % 20000  # 23456: every task derives it from the job id alone
 
 MASTER = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29555"}
-
-# Variables that would make a subprocess discover the wrong launcher (inherited from a cluster shell or CI).
-_LAUNCHER_PREFIXES = (
-    "SLURM_",
-    "OMPI_",
-    "PMI_",
-    "PMIX_",
-    "MV2_",
-    "MPI_LOCAL",
-    "HYDI_",
-    "HYDRA_",
-    "TORCHELASTIC_",
-)
-_LAUNCHER_NAMES = {
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "GROUP_WORLD_SIZE",
-    "ROLE_RANK",
-    "ROLE_WORLD_SIZE",
-    "ROLE_NAME",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-}
-
-
-def _is_launcher_var(name: str) -> bool:
-    return name.startswith(_LAUNCHER_PREFIXES) or name in _LAUNCHER_NAMES
-
-
-def _clean_env() -> dict[str, str]:
-    """os.environ without launcher variables, one OpenMP thread per rank, and this checkout importable."""
-    env = {k: v for k, v in os.environ.items() if not _is_launcher_var(k)}
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    return env
 
 
 @pytest.fixture
@@ -201,7 +164,7 @@ def test_torchrun_zero_local_world_size_without_local_rank() -> None:
 
 
 def test_discover_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in [k for k in os.environ if _is_launcher_var(k)]:
+    for name in [k for k in os.environ if is_launcher_var(k)]:
         monkeypatch.delenv(name)
     for name, value in TORCHRUN.items():
         monkeypatch.setenv(name, value)
@@ -610,7 +573,7 @@ def _run_ranks(argv: list[str], tmp_path: Path) -> list[dict]:
     out.mkdir()
     proc = subprocess.run(
         [*argv, str(script), str(out)],
-        env=_clean_env(),
+        env=clean_env(),
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from launch_env import clean_env
 
 from sparsetron.config import load_config
 from sparsetron.dist.preflight import check_job
@@ -130,24 +131,6 @@ def test_non_finite_loss_stops_with_step_and_rank(ranks, tmp_path):
     assert "lower train.lr" in message
 
 
-def _clean_env() -> dict[str, str]:
-    drop = (
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "SLURM_",
-        "OMPI_",
-        "PMI_",
-        "PMIX_",
-        "TORCHELASTIC",
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def test_cli_trains_reports_and_survives_sigterm(tmp_path):
     """`sparsetron train --nproc 2`, stopped by SIGTERM mid-run (as Slurm preemption), resumed, reported."""
     run_dir = tmp_path / "run"
@@ -166,7 +149,7 @@ def test_cli_trains_reports_and_survives_sigterm(tmp_path):
     ]
     proc = subprocess.Popen(
         argv,
-        env=_clean_env(),
+        env=clean_env(),
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -186,9 +169,7 @@ def test_cli_trains_reports_and_survives_sigterm(tmp_path):
     assert 3 <= stopped_at < 40, output
     assert "stopping: saved" in output
 
-    resumed = subprocess.run(
-        argv, env=_clean_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
+    resumed = subprocess.run(argv, env=clean_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resumed from {saved[-1]} at step {stopped_at}" in resumed.stdout
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
@@ -200,7 +181,7 @@ def test_cli_trains_reports_and_survives_sigterm(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
-        env=_clean_env(),
+        env=clean_env(),
     )
     assert report.returncode == 0, report.stderr
     assert (run_dir / "report" / "loss_lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
