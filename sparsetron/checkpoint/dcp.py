@@ -6,10 +6,10 @@ and plain modules both work and a checkpoint saved at one world size loads at an
 A save is atomic: every rank writes into a scratch directory whose name rank 0 picks and broadcasts; the
 ranks then read the tensors back and hash them (each rank a share of the keys, balanced by bytes, so no rank
 ever holds the whole model); rank 0 writes ``trainer_state.json`` and ``manifest.json`` and renames the
-scratch directory to ``step-XXXXXXXX``. Only that rename makes a checkpoint complete.
+scratch directory to ``step-<step, 8 digits>`` (e.g. ``step-00000010``). Only that rename makes a checkpoint complete.
 
 Every rank's torch RNG states (CPU, and CUDA when available) are saved as tensors of the DCP checkpoint under
-``rng.rank-XXXXX.<device>``. A load at the world size of the save restores each rank's own states; a load at
+``rng.rank-<rank, 5 digits>.<device>``. A load at the world size of the save restores each rank's own states; a load at
 another world size restores rank 0's states on every rank (there is no rank-to-rank correspondence then).
 
 Steps that involve several ranks go through :func:`_on_every_rank` / :func:`_on_rank0`, which turn a failure
@@ -75,7 +75,7 @@ class Checkpointer:
     """Saves and loads the checkpoints of one run under ``directory``, keeping the newest ``keep_last``.
 
     Args:
-        directory: where ``step-XXXXXXXX/`` checkpoints live; must be visible to every rank (shared storage).
+        directory: where ``step-<step, 8 digits>/`` checkpoints live; must be visible to every rank (shared storage).
         keep_last: complete checkpoints to keep (>= 1); older ones are deleted after each successful save.
         layout: the parallel layout of the run (JSON-native dict), recorded in every manifest.
         config_yaml: the resolved run config, recorded in every manifest.
