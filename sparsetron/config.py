@@ -72,6 +72,41 @@ class NetworkProfile(str, enum.Enum):
     efa = "efa"
 
 
+class RouterName(str, enum.Enum):
+    softmax_topk = "softmax_topk"
+    sigmoid_bias = "sigmoid_bias"
+    cosine = "cosine"
+    sinkhorn = "sinkhorn"
+    expert_choice = "expert_choice"
+    quantile = "quantile"
+
+
+class AuxLoss(str, enum.Enum):
+    sequence = "sequence"
+    switch = "switch"
+    global_batch = "global"
+    none = "none"
+
+
+class DropPolicy(str, enum.Enum):
+    score = "score"
+    position = "position"
+
+
+class TokenRounding(str, enum.Enum):
+    off = "off"
+    up = "up"
+    down = "down"
+    nearest = "nearest"
+
+
+class ExpertBackend(str, enum.Enum):
+    auto = "auto"
+    torch = "torch"
+    triton = "triton"
+    loop = "loop"
+
+
 class Device(str, enum.Enum):
     auto = "auto"
     cpu = "cpu"
@@ -96,8 +131,33 @@ class ModelConfig:
     top_k: int = knob(2, "Experts each token is routed to.")
     expert_ffn_dim: int = knob(256, "Hidden size of each SwiGLU expert.")
     shared_expert_ffn_dim: int = knob(0, "Hidden size of the always-on shared expert; 0 disables it.")
-    router: str = knob(
-        "softmax_topk", "Router algorithm (softmax_topk; more arrive with expert parallelism)."
+    router: RouterName = knob(
+        RouterName.softmax_topk,
+        "Router: softmax_topk (Mixtral/Qwen), sigmoid_bias (DeepSeek-V3 aux-loss-free bias), cosine, sinkhorn "
+        "(Sinkhorn / Selective Sinkhorn Routing), expert_choice or quantile.",
+    )
+    router_groups: int = knob(
+        1, "Expert groups for group-limited routing (e.g. = ep or nodes); experts are split contiguously."
+    )
+    router_topk_groups: int = knob(
+        1, "Groups each token may use when router_groups > 1 (DeepSeek-V3 node-limited routing: M)."
+    )
+    router_bias_update_speed: float = knob(
+        1e-3, "sigmoid_bias: speed γ of the per-step expert-bias update from the global load."
+    )
+    router_scaling: float = knob(
+        1.0, "sigmoid_bias: factor on the normalised routed weights (DeepSeek-V3 routed_scaling_factor: 2.5)."
+    )
+    router_cosine_dim: int = knob(64, "cosine: dimension of the space tokens and expert centroids meet in.")
+    router_sinkhorn_iters: int = knob(
+        50, "sinkhorn: Sinkhorn-Knopp iterations per forward (stops early at convergence)."
+    )
+    router_ssr_prob: float = knob(
+        1.0,
+        "sinkhorn: probability a training step routes by the transport map (Selective Sinkhorn; 1 = always).",
+    )
+    router_capacity_factor: float = knob(
+        1.0, "expert_choice: each expert takes ceil(T·top_k·factor/E) tokens."
     )
     normalize_topk: bool = knob(True, "Renormalise the top-k router weights to sum to one (Mixtral: true).")
     rope_theta: float = knob(10000.0, "RoPE base frequency.")
@@ -111,8 +171,28 @@ class ModelConfig:
         True,
         "Scale the shared expert by sigmoid(gate(x)) as Qwen2-MoE does; false adds it ungated (DeepSeek).",
     )
-    aux_loss_coef: float = knob(
-        0.01, "Weight of the sequence-level switch load-balancing loss (0 disables it)."
+    aux_loss: AuxLoss = knob(
+        AuxLoss.sequence,
+        "Load-balancing loss: sequence (per-sequence switch loss), switch (per micro-batch), global (over all "
+        "data- and context-parallel ranks) or none.",
+    )
+    aux_loss_coef: float = knob(0.01, "Weight of the load-balancing loss (0 disables it).")
+    z_loss_coef: float = knob(0.0, "Weight of the router z-loss (ST-MoE; 0 disables it).")
+    capacity_factor: float | None = knob(
+        None, "Expert capacity as a multiple of the balanced share T·top_k/E per rank; null = dropless."
+    )
+    drop_policy: DropPolicy = knob(
+        DropPolicy.score,
+        "With a capacity: keep an over-full expert's highest-scoring (score) or earliest (position) tokens.",
+    )
+    token_rounding: TokenRounding = knob(
+        TokenRounding.off,
+        "Round each expert's token count to a multiple of rounding_tile (SonicMoE): off, up, down or nearest.",
+    )
+    rounding_tile: int = knob(128, "Row tile of the grouped GEMM that token rounding rounds to.")
+    expert_backend: ExpertBackend = knob(
+        ExpertBackend.auto,
+        "Grouped GEMM for the experts: auto (torch._grouped_mm on CUDA, else Triton; loop on CPU), torch, triton, loop.",
     )
     init_std: float = knob(0.02, "Standard deviation of the normal initialisation of weight matrices.")
     max_seq_len: int = knob(

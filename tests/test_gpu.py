@@ -105,3 +105,31 @@ def test_fsdp2_over_nccl_on_two_gpus_with_resume(tmp_path):
     )
     assert extend.returncode == 0, extend.stdout + extend.stderr
     assert "resumed from" in extend.stdout
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_expert_parallel_training_on_two_gpus(tmp_path):
+    """EP=2 over NCCL: meta-device init of DTensor experts, all-to-all dispatch, experts sharded over edp."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_", "LOCAL_"))
+    }
+    argv = [
+        sys.executable,
+        "-m",
+        "sparsetron.cli",
+        "train",
+        *QUICK,
+        "parallel.dp_shard=2",
+        "parallel.ep=2",
+        "model.router=sigmoid_bias",
+        "model.aux_loss=none",
+        "cluster.device=cuda",
+        f"train.run_dir={tmp_path}",
+        "--nproc",
+        "2",
+    ]
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1]["loss"] < steps[0]["loss"] - 1.0
+    assert steps[-1]["comm_bytes"] > 0 and len(steps[-1]["expert_tokens"][0]) == 8

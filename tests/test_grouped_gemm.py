@@ -213,7 +213,7 @@ def test_grouped_swiglu_matches_per_expert_reference(backend, dtype):
     tensors = [torch.randn(rows, dim, generator=g), *(w / w.shape[1] ** 0.5 for w in weights)]
     dy = torch.randn(rows, dim, generator=g)
     leaves = [t.to(dtype).requires_grad_() for t in tensors]
-    y = grouped_swiglu(*leaves, counts, backend=backend)
+    y = grouped_swiglu(leaves[0], torch.cat(leaves[1:3], dim=2), leaves[3], counts, backend=backend)
     y.backward(dy.to(dtype))
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     y_ref = swiglu_reference(*ref_leaves, counts)
@@ -227,8 +227,8 @@ def test_grouped_swiglu_matches_per_expert_reference(backend, dtype):
 
 def test_grouped_swiglu_rejects_mismatched_weights():
     x, w, counts, _ = make_problem("uneven", torch.float32)  # w [4, 40, 24]
-    with pytest.raises(ValueError, match=r"must be \[G, D, F\], \[G, D, F\] and \[G, F, D\]"):
-        grouped_swiglu(x, w, w, w, counts)
+    with pytest.raises(ValueError, match=r"must be \[G, D, 2F\] and \[G, F, D\]"):
+        grouped_swiglu(x, w, w, counts)
 
 
 # -- bad input -------------------------------------------------------------------------------------------------
@@ -359,20 +359,21 @@ def test_gpu_grouped_swiglu_matches_loop(backend):
     results = []
     for name in (backend, "loop"):
         leaves = [t.clone().requires_grad_() for t in (x, w_gate, w_up, w_down)]
-        y = grouped_swiglu(*leaves, counts, backend=name)
+        y = grouped_swiglu(leaves[0], torch.cat(leaves[1:3], dim=2), leaves[3], counts, backend=name)
         y.backward(dy)
         results.append([y.detach(), *(t.grad for t in leaves)])
     for got, want in zip(*results, strict=True):
         assert rel(got, want) <= SWIGLU_TOL[torch.bfloat16]
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_swiglu_activation_matches_torch_ops_with_gradients(dtype):
-    """The fused activation (Triton under the interpreter / on CUDA) against silu(gate) * up, both ways."""
+def test_swiglu_activation_kernel_matches_torch_ops_with_gradients(dtype):
+    """The fused activation kernels (interpreter here, compiled on CUDA) against silu(gate) * up, both ways."""
     g = torch.Generator().manual_seed(3)
     gate_up = (torch.randn(37, 2 * 45, generator=g) * 3).to(dtype).requires_grad_()
     grad = torch.randn(37, 45, generator=g).to(dtype)
-    got = grouped_gemm.swiglu_activation(gate_up)
+    got = grouped_gemm._SwiGLUActivation.apply(gate_up)
     (got_grad,) = torch.autograd.grad(got, gate_up, grad)
     ref_in = gate_up.detach().double().requires_grad_()
     gate, up = ref_in.chunk(2, dim=1)
@@ -381,3 +382,45 @@ def test_swiglu_activation_matches_torch_ops_with_gradients(dtype):
     tol = TOL[dtype]
     assert float((got.double() - want).norm() / want.norm()) <= tol
     assert float((got_grad.double() - want_grad).norm() / want_grad.norm()) <= tol
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weighted_combine_kernel_matches_reference_with_gradients(dtype):
+    """y[t] = Σ_k w[t,k]·rows[pos[t,k]] through the Triton kernels vs fp64 torch ops: value, d rows, d weights."""
+    from sparsetron.kernels.moe_combine import _combine_reference, fused_weighted_combine
+
+    g = torch.Generator().manual_seed(4)
+    tokens, copies, dim = 13, 3, 150  # dim spans two interpreter blocks, the last one partial
+    rows = torch.randn(tokens * copies, dim, generator=g).to(dtype).requires_grad_()
+    position = torch.randperm(tokens * copies, generator=g).view(tokens, copies)
+    weight = torch.rand(tokens, copies, generator=g).requires_grad_()
+    grad = torch.randn(tokens, dim, generator=g).to(dtype)
+    got = fused_weighted_combine(rows, position, weight)
+    got_rows, got_weight = torch.autograd.grad(got, (rows, weight), grad)
+    ref_rows = rows.detach().double().requires_grad_()
+    ref_weight = weight.detach().double().requires_grad_()
+    want = _combine_reference(ref_rows, position, ref_weight)
+    want_rows, want_weight = torch.autograd.grad(want, (ref_rows, ref_weight), grad.double())
+    tol = TOL[dtype]
+    for a, b in ((got, want), (got_rows, want_rows), (got_weight, want_weight)):
+        assert float((a.double() - b).norm() / b.norm()) <= tol
+
+
+@pytest.mark.gpu
+def test_gpu_weighted_combine_matches_reference():
+    from sparsetron.kernels.moe_combine import _combine_reference, weighted_combine
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    tokens, copies, dim = 4096, 8, 2048
+    rows = torch.randn(tokens * copies, dim, device="cuda", generator=g).bfloat16().requires_grad_()
+    position = torch.randperm(tokens * copies, device="cuda", generator=g).view(tokens, copies)
+    weight = torch.rand(tokens, copies, device="cuda", generator=g).requires_grad_()
+    grad = torch.randn(tokens, dim, device="cuda", generator=g).bfloat16()
+    results = []
+    for fn in (weighted_combine, _combine_reference):
+        leaves = (rows.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_())
+        out = fn(leaves[0], position, leaves[1])
+        results.append((out, *torch.autograd.grad(out, leaves, grad)))
+    for got, want in zip(*results, strict=True):
+        assert rel(got.float(), want.float()) <= TOL[torch.bfloat16]

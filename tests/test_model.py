@@ -113,7 +113,6 @@ def load_from_hf(ours: Transformer, hf: nn.Module) -> None:
     """Copy HF weights into our model; every one of our parameters must be written exactly once."""
     src = hf.state_dict()
     dst = ours.state_dict()
-    ffn = ours.cfg.expert_ffn_dim
     mapping: dict[str, torch.Tensor] = {"embed.weight": src["model.embed_tokens.weight"]}
     mapping["norm.weight"] = src["model.norm.weight"]
     if ours.lm_head is not None:
@@ -128,8 +127,7 @@ def load_from_hf(ours: Transformer, hf: nn.Module) -> None:
         mapping[our_layer + "moe.router.weight"] = src[hf_layer + "mlp.gate.weight"]
         # HF stores experts fused: gate_up_proj [E, 2F, D] (gate rows first), down_proj [E, D, F].
         gate_up = src[hf_layer + "mlp.experts.gate_up_proj"]
-        mapping[our_layer + "moe.experts.w_gate"] = gate_up[:, :ffn].transpose(1, 2)
-        mapping[our_layer + "moe.experts.w_up"] = gate_up[:, ffn:].transpose(1, 2)
+        mapping[our_layer + "moe.experts.w_gate_up"] = gate_up.transpose(1, 2)
         mapping[our_layer + "moe.experts.w_down"] = src[hf_layer + "mlp.experts.down_proj"].transpose(1, 2)
         for proj in ("gate_proj", "up_proj", "down_proj"):
             hf_key = hf_layer + f"mlp.shared_expert.{proj}.weight"
@@ -306,7 +304,8 @@ def naive_moe(moe: MoE, x_BSD, normalize_topk: bool):
             top_probs = top_probs.to(x_D.dtype)
             y_D = torch.zeros_like(x_D)
             for weight, e in zip(top_probs, top_experts.tolist(), strict=True):
-                hidden = F.silu(x_D @ experts.w_gate[e]) * (x_D @ experts.w_up[e])
+                w_gate, w_up = experts.w_gate_up[e].chunk(2, dim=-1)
+                hidden = F.silu(x_D @ w_gate) * (x_D @ w_up)
                 y_D = y_D + weight * (hidden @ experts.w_down[e])
                 counts_BE[b, e] += 1
             if moe.shared_expert is not None:
@@ -397,15 +396,17 @@ def test_moe_keeps_activation_dtype_and_reports_fp32_stats():
     assert y.dtype == torch.bfloat16
     assert stats.aux_loss.dtype == stats.tokens_per_expert_E.dtype == torch.float32
     route = moe.router(torch.randn(4, 16, dtype=torch.bfloat16))
-    assert route.weights_TK.dtype == torch.bfloat16
+    assert route.weight_N.dtype == torch.bfloat16
     assert route.probs_TE.dtype == route.logits_TE.dtype == torch.float32
 
 
 def test_moe_rejects_what_it_cannot_do():
-    with pytest.raises(ValueError, match=r"ep_group=\.\.\.\): expert parallelism is not available yet"):
-        MoE(8, 8, 4, 2, ep_group=object())
-    with pytest.raises(ValueError, match=r"unknown router 'sinkhorn'; known routers: softmax_topk"):
-        build_router("sinkhorn", 8, 4, 2)
+    with pytest.raises(ValueError, match=r"unknown router 'sinkhron'; known routers: cosine, expert_choice"):
+        build_router("sinkhron", 8, 4, 2)
+    with pytest.raises(ValueError, match=r"capacity_factor and token_rounding both set"):
+        MoE(8, 8, 4, 2, capacity_factor=1.0, token_rounding="up")
+    with pytest.raises(ValueError, match=r"aux_loss='batch' must be one of sequence, switch, global, none"):
+        MoE(8, 8, 4, 2, aux_loss="batch")
     with pytest.raises(ValueError, match="top_k=5 must be between 1 and num_experts=4"):
         MoE(8, 8, 4, 5)
     with pytest.raises(ValueError, match="n_heads=6 must be a multiple of n_kv_heads=4"):

@@ -60,6 +60,7 @@ def _model_problems(cfg: Config) -> list[str]:
         )
     if not 1 <= m.top_k <= m.num_experts:
         out.append(f"model.top_k={m.top_k} must be between 1 and model.num_experts={m.num_experts}")
+    out += _routing_problems(m)
     if t.seq_len > m.max_seq_len:
         out.append(
             f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise max_seq_len or shorten seq_len"
@@ -69,6 +70,34 @@ def _model_problems(cfg: Config) -> list[str]:
             f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of train.seq_len={t.seq_len} "
             "(a step holds whole sequences)"
         )
+    return out
+
+
+def _routing_problems(m) -> list[str]:
+    """Router and dispatch options that cannot work for this model (checked again when the layer is built)."""
+    out = []
+    groups, chosen = m.router_groups, m.router_topk_groups
+    if groups < 1 or m.num_experts % groups:
+        out.append(
+            f"model.router_groups={groups} must divide model.num_experts={m.num_experts} (equal contiguous "
+            "expert groups); use a divisor such as parallel.ep"
+        )
+    elif not 1 <= chosen <= groups:
+        out.append(f"model.router_topk_groups={chosen} must be between 1 and model.router_groups={groups}")
+    elif m.top_k > chosen * (m.num_experts // groups):
+        out.append(
+            f"model.top_k={m.top_k} exceeds the {chosen * (m.num_experts // groups)} experts in "
+            f"model.router_topk_groups={chosen} groups; raise router_topk_groups or lower top_k"
+        )
+    if m.capacity_factor is not None and m.capacity_factor <= 0:
+        out.append(f"model.capacity_factor={m.capacity_factor} must be > 0, or null for dropless routing")
+    if m.capacity_factor is not None and m.token_rounding.value != "off":
+        out.append(
+            "model.capacity_factor and model.token_rounding are both set; token rounding replaces the capacity "
+            "cap: set model.token_rounding=off or model.capacity_factor=null"
+        )
+    if m.rounding_tile < 1:
+        out.append(f"model.rounding_tile={m.rounding_tile} must be ≥ 1 (the grouped GEMM row tile, e.g. 128)")
     return out
 
 

@@ -93,8 +93,7 @@ def grouped_mm(
 
 def grouped_swiglu(
     x_MD: torch.Tensor,
-    w_gate_GDF: torch.Tensor,
-    w_up_GDF: torch.Tensor,
+    w_gate_up_GD2F: torch.Tensor,
     w_down_GFD: torch.Tensor,
     counts_G: torch.Tensor,
     *,
@@ -102,20 +101,18 @@ def grouped_swiglu(
 ) -> torch.Tensor:
     """``y_MD``: per group ``(silu(x @ w_gate[g]) * (x @ w_up[g])) @ w_down[g]`` over rows grouped by ``counts_G``.
 
-    ``x_MD [M, D]``, ``w_gate_GDF``/``w_up_GDF [G, D, F]``, ``w_down_GFD [G, F, D]`` of ``x``'s dtype,
-    ``counts_G [G]`` int on ``x``'s device. Returns ``y_MD [M, D]``, zero past ``sum(counts_G)``; two
-    :func:`grouped_mm` calls with ``backend`` (gate and up fused) around :func:`swiglu_activation`,
-    differentiable in ``x`` and the weights.
+    ``x_MD [M, D]``; ``w_gate_up_GD2F [G, D, 2F]`` holds ``w_gate`` in its first ``F`` columns and ``w_up`` in
+    the last ``F``; ``w_down_GFD [G, F, D]``; weights in ``x``'s dtype; ``counts_G [G]`` int on ``x``'s device.
+    Returns ``y_MD [M, D]``, zero past ``sum(counts_G)``: one grouped GEMM with ``N = 2F`` (wider tiles and
+    half the launches of separate gate and up GEMMs), :func:`swiglu_activation`, one grouped GEMM back;
+    ``backend`` as in :func:`grouped_mm`; differentiable in ``x`` and the weights.
     """
-    if w_up_GDF.shape != w_gate_GDF.shape or w_down_GFD.shape != w_gate_GDF.transpose(1, 2).shape:
+    groups, dim, width = w_gate_up_GD2F.shape
+    if width % 2 or w_down_GFD.shape != (groups, width // 2, dim):
         raise ValueError(
-            f"w_gate {tuple(w_gate_GDF.shape)}, w_up {tuple(w_up_GDF.shape)} and w_down "
-            f"{tuple(w_down_GFD.shape)} must be [G, D, F], [G, D, F] and [G, F, D]; "
-            "pass the stacked expert weights without transposing them"
+            f"w_gate_up {tuple(w_gate_up_GD2F.shape)} and w_down {tuple(w_down_GFD.shape)} must be [G, D, 2F] "
+            "and [G, F, D] (gate columns first, then up); pass the stacked expert weights without transposing them"
         )
-    # One grouped GEMM with N = 2F instead of two with N = F: wider tiles, half the launches and schedules;
-    # the weight concatenation costs one pass over the weights, small next to the GEMMs at MoE batch sizes.
-    w_gate_up_GD2F = torch.cat([w_gate_GDF, w_up_GDF], dim=2)
     gate_up_M2F = grouped_mm(x_MD, w_gate_up_GD2F, counts_G, backend=backend)
     return grouped_mm(swiglu_activation(gate_up_M2F), w_down_GFD, counts_G, backend=backend)
 
@@ -124,10 +121,11 @@ def swiglu_activation(gate_up_M2F: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``gate_up_M2F = [gate | up]`` (``[M, 2F]`` → ``[M, F]``), differentiable.
 
     On CUDA one fused Triton kernel each way (fp32 math, the input dtype stored), where separate torch ops
-    would read and write the ``[M, F]`` intermediates several times; elsewhere plain torch ops.
+    would read and write the ``[M, F]`` intermediates several times; elsewhere plain torch ops (the kernels
+    are tested on the CPU under ``TRITON_INTERPRET=1`` through ``_SwiGLUActivation``).
     """
     fused = gate_up_M2F.dtype in _GEMM_DTYPES and gate_up_M2F.numel() > 0  # fp64 keeps exact torch math
-    if triton is not None and (gate_up_M2F.is_cuda or _INTERPRET) and fused:
+    if triton is not None and gate_up_M2F.is_cuda and fused:
         return _SwiGLUActivation.apply(gate_up_M2F)
     gate_MF, up_MF = gate_up_M2F.chunk(2, dim=1)
     return F.silu(gate_MF) * up_MF

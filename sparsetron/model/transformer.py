@@ -25,12 +25,61 @@ class ModelOutput:
 
     - ``logits_BSV``: next-token logits in the activation dtype.
     - ``aux_loss``: fp32 scalar, the MoE load-balancing losses summed over layers (coefficient applied).
-    - ``tokens_per_expert_LE``: fp32 ``[n_layers, E]`` routed-token counts per layer; no grad.
+    - ``tokens_per_expert_LE``: fp32 ``[n_layers, E]`` kept (token, expert) assignments per layer; no grad.
+    - ``dropped_L``: fp32 ``[n_layers]`` router assignments dropped (capacity, rounding down); no grad.
+    - ``entropy_L``: fp32 ``[n_layers]`` mean per-token routing entropy; no grad.
     """
 
     logits_BSV: torch.Tensor
     aux_loss: torch.Tensor
     tokens_per_expert_LE: torch.Tensor
+    dropped_L: torch.Tensor
+    entropy_L: torch.Tensor
+
+
+#: Model-config fields that become router options, per router (``model.router_*`` -> option name).
+ROUTER_OPTION_FIELDS = {
+    "softmax_topk": {"normalize_topk": "normalize_topk"},
+    "sigmoid_bias": {
+        "normalize_topk": "normalize_topk",
+        "bias_update_speed": "router_bias_update_speed",
+        "routed_scaling": "router_scaling",
+    },
+    "cosine": {"normalize_topk": "normalize_topk", "cosine_dim": "router_cosine_dim"},
+    "sinkhorn": {"sinkhorn_iters": "router_sinkhorn_iters", "ssr_prob": "router_ssr_prob"},
+    "expert_choice": {"capacity_factor": "router_capacity_factor"},
+    "quantile": {"normalize_topk": "normalize_topk"},
+}
+
+
+def build_moe(cfg: ModelConfig) -> MoE:
+    """The MoE layer a decoder block of ``cfg`` uses (router options taken from the ``router_*`` fields)."""
+    router = cfg.router.value if hasattr(cfg.router, "value") else str(cfg.router)
+    options = {name: getattr(cfg, field) for name, field in ROUTER_OPTION_FIELDS[router].items()}
+    options |= {"n_groups": cfg.router_groups, "topk_groups": cfg.router_topk_groups}
+    return MoE(
+        cfg.dim,
+        cfg.expert_ffn_dim,
+        cfg.num_experts,
+        cfg.top_k,
+        router=router,
+        shared_ffn_dim=cfg.shared_expert_ffn_dim,
+        shared_gate=cfg.shared_expert_gate,
+        aux_loss=_value(cfg.aux_loss),
+        aux_loss_coef=cfg.aux_loss_coef,
+        z_loss_coef=cfg.z_loss_coef,
+        capacity_factor=cfg.capacity_factor,
+        drop_policy=_value(cfg.drop_policy),
+        token_rounding=_value(cfg.token_rounding),
+        rounding_tile=cfg.rounding_tile,
+        expert_backend=_value(cfg.expert_backend),
+        router_options=options,
+        init_std=cfg.init_std,
+    )
+
+
+def _value(choice) -> str:
+    return choice.value if hasattr(choice, "value") else str(choice)
 
 
 def check_model_config(cfg: ModelConfig) -> None:
@@ -52,7 +101,7 @@ def check_model_config(cfg: ModelConfig) -> None:
 class DecoderLayer(nn.Module):
     """One pre-norm block: ``h = h + attn(attn_norm(h)); h = h + moe(ffn_norm(h))``.
 
-    ``forward(h_BSD, positions_BS, doc_ids_BS=None) -> (h_BSD, aux_loss, tokens_per_expert_E)``: plain
+    ``forward(h_BSD, positions_BS, doc_ids_BS=None) -> (h_BSD, aux_loss, moe_stats_S)``: plain
     tensors in and out, so FSDP2 and activation checkpointing can wrap the block as it is. Nothing
     communicates unless the attention core or MoE layer was built to.
     """
@@ -72,18 +121,7 @@ class DecoderLayer(nn.Module):
             init_std=cfg.init_std,
         )
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.moe = MoE(
-            cfg.dim,
-            cfg.expert_ffn_dim,
-            cfg.num_experts,
-            cfg.top_k,
-            router=cfg.router,
-            normalize_topk=cfg.normalize_topk,
-            shared_ffn_dim=cfg.shared_expert_ffn_dim,
-            shared_gate=cfg.shared_expert_gate,
-            aux_loss_coef=cfg.aux_loss_coef,
-            init_std=cfg.init_std,
-        )
+        self.moe = build_moe(cfg)
 
     def init_weights(self) -> None:
         """Initialise attn_norm, attn, ffn_norm, moe, in that order."""
@@ -97,7 +135,9 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h_BSD = h_BSD + self.attn(self.attn_norm(h_BSD), positions_BS, doc_ids_BS)
         ffn_BSD, stats = self.moe(self.ffn_norm(h_BSD))
-        return h_BSD + ffn_BSD, stats.aux_loss, stats.tokens_per_expert_E
+        # Statistics travel as one no-grad tensor [E + 2]: tokens per expert, dropped, entropy.
+        moe_stats = torch.cat([stats.tokens_per_expert_E, stats.dropped[None], stats.entropy[None]])
+        return h_BSD + ffn_BSD, stats.aux_loss, moe_stats
 
 
 class Transformer(nn.Module):
@@ -152,8 +192,31 @@ class Transformer(nn.Module):
     def set_sequence_group(self, group: object | None) -> None:
         """Declare that every sequence is sharded over ``group`` (context parallelism), so per-sequence
         statistics (the MoE balance loss) combine across it; None for unsharded sequences."""
-        for layer in self.layers:
-            layer.moe.seq_group = group
+        for moe in self.moe_layers():
+            moe.seq_group = group
+
+    def set_batch_group(self, group: object | None) -> None:
+        """Declare the group of all data- and context-parallel ranks of one micro-step (the global
+        balance loss, ``model.aux_loss=global``, counts expert load over it)."""
+        for moe in self.moe_layers():
+            moe.batch_group = group
+
+    def moe_layers(self) -> list[MoE]:
+        """The MoE layer of every decoder block, in order (looks through activation-checkpoint wrappers)."""
+        return [module for module in self.modules() if isinstance(module, MoE)]
+
+    def enable_expert_parallel(self, ep_mesh, *, grad_scale: float = 1.0) -> None:
+        """Shard every layer's routed experts over ``ep_mesh`` and dispatch tokens over its group
+        (see :meth:`MoE.enable_expert_parallel`)."""
+        for moe in self.moe_layers():
+            moe.enable_expert_parallel(ep_mesh, grad_scale=grad_scale)
+
+    @torch.no_grad()
+    def update_router_balance(self, load_LE: torch.Tensor) -> None:
+        """After an optimizer step: hand each layer's router the global tokens-per-expert ``load_LE``
+        (fp32 ``[n_layers, E]``, identical on every rank) for load-based balancing (e.g. the expert bias)."""
+        for moe, load_E in zip(self.moe_layers(), load_LE, strict=True):
+            moe.router.update_balance(load_E)
 
     def forward(
         self,
@@ -166,17 +229,20 @@ class Transformer(nn.Module):
             positions_BS = torch.arange(seq_len, device=tokens_BS.device).expand(batch, seq_len)
         h_BSD = self.embed(tokens_BS)
         aux_losses = []
-        tokens_per_expert = []
+        moe_stats = []
         for layer in self.layers:
-            h_BSD, aux_loss, tokens_per_expert_E = layer(h_BSD, positions_BS, doc_ids_BS)
+            h_BSD, aux_loss, moe_stats_S = layer(h_BSD, positions_BS, doc_ids_BS)
             aux_losses.append(aux_loss)
-            tokens_per_expert.append(tokens_per_expert_E)
+            moe_stats.append(moe_stats_S)
         h_BSD = self.norm(h_BSD)
         head_weight_VD = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        stats_LS = torch.stack(moe_stats)
         return ModelOutput(
             logits_BSV=F.linear(h_BSD, head_weight_VD),
             aux_loss=torch.stack(aux_losses).sum(),
-            tokens_per_expert_LE=torch.stack(tokens_per_expert),
+            tokens_per_expert_LE=stats_LS[:, :-2],
+            dropped_L=stats_LS[:, -2],
+            entropy_L=stats_LS[:, -1],
         )
 
 

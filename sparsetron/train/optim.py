@@ -40,3 +40,28 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """The warm-up + cosine schedule as a ``LambdaLR`` (its step count is restored from the trainer state)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+
+@torch.no_grad()
+def clip_grad_norm(parameters, max_norm: float) -> float:
+    """Clip the global L2 norm of the gradients to ``max_norm`` (``inf``: measure only); return the norm.
+
+    Gradients may be DTensors on different meshes (dense weights sharded over ``dp_shard × cp``, routed
+    experts over ``edp × ep``), which ``torch.nn.utils.clip_grad_norm_`` cannot stack. So the norm is taken
+    per mesh (a collective over that mesh), combined on the host side of the math, and every gradient is
+    scaled by the same coefficient. Plain tensors form their own group (no communication).
+    """
+    by_mesh: dict[object, list[torch.Tensor]] = {}
+    for param in parameters:
+        if param.grad is not None:
+            by_mesh.setdefault(getattr(param.grad, "device_mesh", None), []).append(param.grad)
+    if not by_mesh:
+        return 0.0
+    norms = []
+    for grads in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    for grads in by_mesh.values():
+        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total)
+    return float(total)

@@ -31,7 +31,7 @@ from sparsetron.parallel.data.fsdp import (
 )
 from sparsetron.train.data import MicroBatch, StepLoader, build_source
 from sparsetron.train.metrics import MetricsLog, ProgressLine, peak_flops
-from sparsetron.train.optim import build_optimizer, lr_factor
+from sparsetron.train.optim import build_optimizer, clip_grad_norm, lr_factor
 from sparsetron.train.synthetic import heldout_indices
 
 
@@ -64,11 +64,6 @@ def _refuse_unavailable(cfg: Config) -> None:
         raise NotAvailableYet(
             "parallel.cp_method=sparse_ring: sparse context parallelism is not available yet (it lands with its "
             "own issue); use parallel.cp_method=ring, ulysses, hybrid or allgather."
-        )
-    if p.ep > 1:
-        raise NotAvailableYet(
-            f"parallel.ep={p.ep}: expert-parallel training is not available yet (it lands with the expert-"
-            "parallelism issue). Use parallel.ep=1; experts are then sharded by FSDP2 like other weights."
         )
     if cfg.train.dp.algorithm.value != "ddp":
         raise NotAvailableYet(
@@ -126,6 +121,18 @@ def install_context_parallelism(model: Transformer, cfg: Config, mesh: ParallelM
     model.set_sequence_group(mesh.group("cp"))
 
 
+def install_expert_parallelism(model: Transformer, cfg: Config, mesh: ParallelMesh) -> None:
+    """With ep > 1, shard the routed experts over the ep axis (all-to-all dispatch over its group); with the
+    global balance loss, count expert load over every rank of a micro-step."""
+    dims = mesh.dims
+    if dims.ep > 1:
+        # FSDP averages expert gradients over edp × dp_replicate = world/ep ranks, but each rank's expert
+        # gradient already sums the tokens of its whole EP group: 1/ep makes it a world mean like the rest.
+        model.enable_expert_parallel(mesh.submesh("ep"), grad_scale=1.0 / dims.ep)
+    if dims.world_size > 1 and cfg.model.aux_loss.value == "global":
+        model.set_batch_group(dist.group.WORLD)
+
+
 def _compute_dtype(cfg: Config, device_type: str) -> torch.dtype:
     choice = cfg.train.dtype
     if choice == "auto":
@@ -147,6 +154,7 @@ def build_model(cfg: Config, mesh: ParallelMesh, device_type: str, compute_dtype
     if device_type == "cpu":
         model = Transformer(cfg.model)
         install_context_parallelism(model, cfg, mesh)
+        install_expert_parallelism(model, cfg, mesh)
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model.layers)
         apply_data_parallel(model, mesh, param_dtype=None)
@@ -154,6 +162,7 @@ def build_model(cfg: Config, mesh: ParallelMesh, device_type: str, compute_dtype
     with torch.device("meta"):
         model = Transformer(cfg.model)
     install_context_parallelism(model, cfg, mesh)
+    install_expert_parallelism(model, cfg, mesh)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model.layers)
     param_dtype = compute_dtype if compute_dtype != torch.float32 else None
@@ -240,6 +249,7 @@ def train(
     )
 
     model = build_model(cfg, mesh, device_type, compute_dtype)
+    moe_layers = model.moe_layers()
     optimizer = build_optimizer(model, cfg.train)
     checkpoint_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
     checkpointer = Checkpointer(
@@ -288,7 +298,9 @@ def train(
 
             # Accumulated on the device; one host sync per step (the all-reduce below), not per micro-batch.
             sums = torch.zeros(2, dtype=torch.float64, device=device)  # [token loss sum, aux loss share]
-            load_LE = None
+            moe_LS = None  # per layer: [tokens per expert (E), dropped, entropy sum]
+            for moe in moe_layers:
+                moe.dispatcher.sent_bytes = 0
             for index, mb in enumerate(batches):
                 if hasattr(model, "set_requires_gradient_sync"):
                     model.set_requires_gradient_sync(index == len(batches) - 1)
@@ -311,17 +323,18 @@ def train(
                 objective.backward()
                 sums[0] += micro_loss.detach().double()
                 sums[1] += out.aux_loss.detach().double() * seq_share
-                step_load = out.tokens_per_expert_LE.detach().double()
-                load_LE = step_load if load_LE is None else load_LE + step_load
+                micro_LS = torch.cat(
+                    [out.tokens_per_expert_LE, out.dropped_L[:, None], out.entropy_L[:, None]], dim=1
+                ).double()
+                moe_LS = micro_LS if moe_LS is None else moe_LS + micro_LS
 
             max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            grad_norm = float(grad_norm)
+            grad_norm = clip_grad_norm(model.parameters(), max_norm)
             if dims.world_size > 1:
                 dist.all_reduce(sums)
-                dist.all_reduce(load_LE)
+                dist.all_reduce(moe_LS)
+            load_LE, dropped_L = moe_LS[:, :-2], moe_LS[:, -2]
+            entropy_L = moe_LS[:, -1] / (dims.world_size * len(batches))
             global_loss_sum, global_aux = sums.tolist()
             loss = global_loss_sum / global_targets
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -332,9 +345,17 @@ def train(
                 )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            # Identical on every rank (all-reduced), so load-based balancing (the expert bias) stays in step.
+            model.update_router_balance(load_LE.float())
 
             load_fraction_LE = (load_LE / load_LE.sum(dim=1, keepdim=True).clamp_min(1)).cpu()
             max_over_mean_L = load_fraction_LE.max(dim=1).values * load_fraction_LE.shape[1]
+            # Load per EP rank: experts are laid out contiguously, E/ep per rank.
+            rank_load_LR = load_fraction_LE.view(load_LE.shape[0], dims.ep, -1).sum(dim=2)
+            rank_max_over_mean = float((rank_load_LR.max(dim=1).values * dims.ep).max())
+            # Relative to the token choices T·k of every layer (expert-choice routers choose as many).
+            choices = global_seqs * cfg.train.seq_len * cfg.model.top_k * load_LE.shape[0]
+            dropped_fraction = float(dropped_L.sum()) / choices
             elapsed = time.perf_counter() - started
             step_tokens = global_seqs * cfg.train.seq_len
             tokens_seen += step_tokens
@@ -350,10 +371,15 @@ def train(
                 "tokens": tokens_seen,
                 "tokens_per_s": rate,
                 "step_time_s": elapsed,
-                "comm_bytes": comm_bytes,
+                "comm_bytes": comm_bytes + sum(moe.dispatcher.sent_bytes for moe in moe_layers) * 2,
                 "mfu": flops_per_token * rate / (peak * dims.world_size) if peak else None,
                 "expert_load": load_fraction_LE.tolist(),
                 "expert_load_max_over_mean": float(max_over_mean_L.max()),
+                "expert_tokens": load_LE.cpu().tolist(),
+                "ep_rank_load_max_over_mean": rank_max_over_mean,
+                "dropped_tokens": dropped_L.cpu().tolist(),
+                "dropped_fraction": dropped_fraction,
+                "router_entropy": entropy_L.cpu().tolist(),
             }
             is_last = step + 1 == cfg.train.steps
             if source.has_accuracy and (
@@ -363,7 +389,14 @@ def train(
                 record["eval_accuracy"] = eval_accuracy
                 record["eval_task"] = cfg.data.task
             metrics.write(record)
-            status = f"loss {loss:.4f}  lr {record['lr']:.2e}  {rate:,.0f} tok/s  load max/mean {record['expert_load_max_over_mean']:.2f}"
+            status = (
+                f"loss {loss:.4f}  lr {record['lr']:.2e}  {rate:,.0f} tok/s  "
+                f"load max/mean {record['expert_load_max_over_mean']:.2f}"
+            )
+            if dims.ep > 1:
+                status += f" (ep ranks {rank_max_over_mean:.2f})"
+            if dropped_fraction:
+                status += f"  dropped {dropped_fraction:.1%}"
             if "eval_accuracy" in record:
                 status += f"  {cfg.data.task} acc {eval_accuracy:.2%}"
             progress.update(step, status)

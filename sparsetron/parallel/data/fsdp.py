@@ -36,7 +36,8 @@ def apply_data_parallel(
     """Shard ``model`` with FSDP2 over ``dp_shard × cp``, replicated over ``dp_replicate``; False on one rank.
 
     Context-parallel ranks hold the same weights and their gradients must be summed, so they join the shard
-    axis (as torchtitan does). Communicates (during forward/backward) over ``dp_shard_cp`` (all-gather,
+    axis (as torchtitan does). With ``ep > 1`` the routed experts (sharded over ``ep`` beforehand by
+    :meth:`Transformer.enable_expert_parallel`) are sharded over ``edp`` (× ``dp_replicate``) instead. Communicates (during forward/backward) over ``dp_shard_cp`` (all-gather,
     reduce-scatter) and ``dp_replicate`` (gradient all-reduce). ``param_dtype`` (e.g. bf16 on GPU) casts
     parameters for compute while gradients are reduced in fp32. Gradients are averaged over all ranks.
     """
@@ -46,6 +47,12 @@ def apply_data_parallel(
     fully_shard, MixedPrecisionPolicy = _fsdp_api()
     dp_mesh = mesh.fsdp if dims.dp_replicate > 1 else mesh.flat["dp_shard_cp"]
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if dims.ep > 1:
+        # Routed experts (already DTensors sharded over ep) get their own FSDP unit over the expert-data-
+        # parallel ranks; the enclosing layer's unit then skips their parameters.
+        expert_mesh = mesh.expert["dp_replicate", "edp"] if dims.dp_replicate > 1 else mesh.expert["edp"]
+        for moe in model.moe_layers():
+            fully_shard(moe.experts, mesh=expert_mesh, mp_policy=policy)
     for layer in model.layers:
         fully_shard(layer, mesh=dp_mesh, mp_policy=policy)
     fully_shard(model, mesh=dp_mesh, mp_policy=policy)
@@ -61,12 +68,18 @@ def fsdp_comm_bytes_per_step(model: nn.Module, mesh: ParallelMesh, micro_batches
     N·(W−1)/W, and with replicas all-reduced across them: 2·(N/W)·(R−1)/R.
     """
     dims = mesh.dims
-    w, r = dims.dp_shard * dims.cp, dims.dp_replicate
-    if w * r == 1:
+    if dims.world_size == 1:
         return 0
+    expert_params = set()
+    if dims.ep > 1:
+        expert_params = {id(p) for moe in model.moe_layers() for p in moe.experts.parameters()}
     total = 0
     for param in model.parameters():
-        numel = param.numel()  # global element count, also for DTensor parameters
+        # Routed experts with ep > 1: each rank's E/ep experts are sharded over edp only.
+        is_expert = id(param) in expert_params
+        w = dims.edp if is_expert else dims.dp_shard * dims.cp
+        r = dims.dp_replicate
+        numel = param.numel() // (dims.ep if is_expert else 1)  # global count, also for DTensor parameters
         nbytes = numel * param.element_size()
         shard_share = nbytes * (w - 1) / w
         total += 2 * micro_batches * shard_share + shard_share

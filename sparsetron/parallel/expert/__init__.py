@@ -1,18 +1,20 @@
-"""Expert parallelism's building blocks; for now the single-process MoE layer, its routers and experts."""
+"""Expert parallelism: routers and balancing losses, token dispatch (EP all-to-all), grouped experts, the MoE layer."""
 
+from sparsetron.parallel.expert.dispatch import Assignments, ExpertDispatcher
 from sparsetron.parallel.expert.experts import SwiGLU, SwiGLUExperts
-from sparsetron.parallel.expert.moe import MoE, MoEStats, sequence_aux_loss
-from sparsetron.parallel.expert.router import ROUTERS, Router, RouterOutput, SoftmaxTopKRouter, build_router
+from sparsetron.parallel.expert.moe import AUX_LOSSES, MoE, MoEStats
+from sparsetron.parallel.expert.router import ROUTERS, Router, Routing, build_router
 
 __all__ = [
+    "AUX_LOSSES",
     "ROUTERS",
+    "Assignments",
+    "ExpertDispatcher",
     "MoE",
     "MoEStats",
     "Router",
-    "RouterOutput",
-    "SoftmaxTopKRouter",
+    "Routing",
     "SwiGLU",
     "SwiGLUExperts",
     "build_router",
-    "sequence_aux_loss",
 ]

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsetron.kernels.grouped_gemm import grouped_swiglu, swiglu_activation
+
 
 class SwiGLU(nn.Module):
     """Dense SwiGLU ``down(silu(gate(x)) * up(x))`` with HF names ``gate_proj``, ``up_proj``, ``down_proj``.
@@ -30,48 +32,85 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x_ND)) * self.up_proj(x_ND))
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``scale`` (see :attr:`SwiGLUExperts.grad_scale`)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
 class SwiGLUExperts(nn.Module):
     """``E`` SwiGLU experts with stacked weights; dim 0 is the expert, so EP/FSDP can shard it.
 
-    Parameters: ``w_gate [E, dim, ffn]``, ``w_up [E, dim, ffn]``, ``w_down [E, ffn, dim]``; expert ``e`` maps
-    ``x_D -> (silu(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e]``.
+    Parameters: ``w_gate_up [E, dim, 2·ffn]`` (gate columns, then up columns: one GEMM computes both) and
+    ``w_down [E, ffn, dim]``; expert ``e`` maps ``x_D -> (silu(x @ gate[e]) * (x @ up[e])) @ w_down[e]`` with
+    ``gate, up = w_gate_up.chunk(2, dim=-1)`` (HF's fused ``gate_up_proj [E, 2·ffn, dim]`` transposed). With expert parallelism the parameters are
+    DTensors sharded on dim 0 over the EP mesh (:meth:`shard`); the forward computes with the local
+    ``E_local`` experts only.
 
-    ``forward(x_TD, indices_TK, weights_TK) -> y_TD``: each token's output is the sum over its ``K`` experts
-    of the expert output times the router weight (activation dtype). Dropless. The token copies are sorted
-    by expert so that each expert runs one GEMM on a contiguous slice, then scattered back with
-    ``index_add``. This is the CPU reference: it loops over experts and reads the per-expert counts on the
-    host (one device sync); grouped-GEMM backends replace the loop. Nothing communicates.
+    ``forward`` takes rows already grouped by (local) expert, in one of two forms (one entry point, so
+    FSDP's hooks gather the weights either way); nothing communicates:
+
+    - ``forward(rows_MD, counts_G) -> y_MD``: the first ``counts_G[0]`` rows go to expert 0, and so on;
+      rows past ``sum(counts_G)`` give zeros. Runs a grouped GEMM (``backend``: auto, torch, triton, loop;
+      see :mod:`sparsetron.kernels.grouped_gemm`).
+    - ``forward(x_GCD) -> y_GCD``: ``C`` rows per expert (capacity dispatch), a batched GEMM.
     """
 
-    def __init__(self, num_experts: int, dim: int, ffn_dim: int, *, init_std: float = 0.02) -> None:
+    def __init__(
+        self, num_experts: int, dim: int, ffn_dim: int, *, init_std: float = 0.02, backend: str = "auto"
+    ) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.init_std = init_std
-        self.w_gate = nn.Parameter(torch.empty(num_experts, dim, ffn_dim))
-        self.w_up = nn.Parameter(torch.empty(num_experts, dim, ffn_dim))
+        self.backend = backend
+        # Set by expert parallelism: FSDP averages expert gradients over the expert-data-parallel ranks only,
+        # but each already sums the tokens of all EP ranks; 1/ep makes them world means like dense gradients.
+        self.grad_scale = 1.0
+        self.w_gate_up = nn.Parameter(torch.empty(num_experts, dim, 2 * ffn_dim))
         self.w_down = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
         self.init_weights()
 
     def init_weights(self) -> None:
-        """normal(0, init_std) for w_gate, w_up, w_down (in that order)."""
-        for weight in (self.w_gate, self.w_up, self.w_down):
+        """normal(0, init_std) for w_gate_up, w_down (in that order)."""
+        for weight in (self.w_gate_up, self.w_down):
             nn.init.normal_(weight, mean=0.0, std=self.init_std)
 
-    def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-        top_k = indices_TK.shape[1]
-        # One row per (token, choice) pair, N = T·K; a stable sort keeps token order inside each expert.
-        expert_N = indices_TK.reshape(-1)
-        order_N = torch.argsort(expert_N, stable=True)
-        token_N = order_N // top_k
-        rows_per_expert = torch.bincount(expert_N, minlength=self.num_experts).tolist()
-        x_ND = x_TD[token_N]
-        y_chunks = []
-        for expert, x_nD in enumerate(torch.split(x_ND, rows_per_expert)):
-            hidden_nF = F.silu(x_nD @ self.w_gate[expert]) * (x_nD @ self.w_up[expert])
-            y_chunks.append(hidden_nF @ self.w_down[expert])
-        y_ND = torch.cat(y_chunks) * weights_TK.reshape(-1)[order_N, None]
-        return torch.zeros_like(x_TD).index_add(0, token_N, y_ND)
+    def shard(self, ep_mesh) -> None:
+        """Make the stacked weights DTensors sharded on the expert axis over the 1-D ``ep_mesh``.
+
+        Every rank must hold the same full weights (as after a seeded CPU init); each keeps its slice.
+        Checkpoints then store the global ``[E, ...]`` tensors whatever the EP degree.
+        """
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        for name in ("w_gate_up", "w_down"):
+            full = getattr(self, name)
+            setattr(self, name, nn.Parameter(distribute_tensor(full.data, ep_mesh, [Shard(0)])))
+
+    def local_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``[E_local, ...]`` weights this rank computes with (gradient scaled by ``grad_scale``)."""
+        weights = []
+        for weight in (self.w_gate_up, self.w_down):
+            local = weight.to_local() if hasattr(weight, "to_local") else weight
+            weights.append(_ScaleGrad.apply(local, self.grad_scale) if self.grad_scale != 1.0 else local)
+        return tuple(weights)
+
+    def forward(self, rows: torch.Tensor, counts_G: torch.Tensor | None = None) -> torch.Tensor:
+        w_gate_up, w_down = (w.to(rows.dtype) for w in self.local_weights())
+        if counts_G is not None:
+            return grouped_swiglu(rows, w_gate_up, w_down, counts_G, backend=self.backend)
+        experts, slots, _ = rows.shape
+        gate_up_GC2F = torch.bmm(rows, w_gate_up)
+        hidden_GCF = swiglu_activation(gate_up_GC2F.flatten(0, 1)).view(experts, slots, -1)
+        return torch.bmm(hidden_GCF, w_down)
 
     def extra_repr(self) -> str:
-        experts, dim, ffn_dim = self.w_gate.shape
-        return f"experts={experts}, dim={dim}, ffn_dim={ffn_dim}"
+        experts, ffn_dim, dim = self.w_down.shape
+        return f"experts={experts}, dim={dim}, ffn_dim={ffn_dim}, backend={self.backend}"
