@@ -55,7 +55,7 @@ def timed(fn, reps: int, barrier: bool = False) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def build_layer(name: str, ep_mesh=None) -> MoE:
+def build_layer(name: str, ep_mesh=None, chunks: int = 1) -> MoE:
     dim, ffn, experts, top_k, shared, router, options, skew = LAYERS[name]
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -74,7 +74,7 @@ def build_layer(name: str, ep_mesh=None) -> MoE:
         param.data = param.data.to(torch.bfloat16)
     skew_router(moe, skew)
     if ep_mesh is not None:
-        moe.enable_expert_parallel(ep_mesh)
+        moe.enable_expert_parallel(ep_mesh, overlap_chunks=chunks)
     return moe
 
 
@@ -241,10 +241,10 @@ def _measure(intervals) -> float:
     return sum(e - s for s, e in intervals)
 
 
-def expert_parallel(name: str, tokens: int, reps: int, mesh) -> dict:
+def expert_parallel(name: str, tokens: int, reps: int, mesh, chunks: int) -> dict:
     group = mesh.get_group()
     rank = dist.get_rank()
-    moe = build_layer(name, ep_mesh=mesh)
+    moe = build_layer(name, ep_mesh=mesh, chunks=chunks)
     dim = moe.experts.w_down.shape[2]
     x = make_tokens(tokens, dim, seed=10 + rank).requires_grad_()
     dy = torch.randn_like(x)
@@ -276,7 +276,8 @@ def expert_parallel(name: str, tokens: int, reps: int, mesh) -> dict:
         reps,
         barrier=True,
     )
-    off_rank = (send_splits[1 - rank] + recv_splits[1 - rank]) / 2 * dim * 2
+    # NVLink is full duplex: the transfer takes as long as the larger direction.
+    off_rank = max(send_splits[1 - rank], recv_splits[1 - rank]) * dim * 2
     busbw = off_rank / a2a_s / 1e9
     exposed_s, traced_s = exposed_comm_share(step)
     # NCCL kernels on the less-loaded rank also spin while the busier rank still computes (load imbalance,
@@ -287,6 +288,7 @@ def expert_parallel(name: str, tokens: int, reps: int, mesh) -> dict:
     busier = int(local_rows.argmax())
     return {
         "layer": name,
+        "chunks": chunks,
         "tokens_per_gpu": tokens,
         "load_max_over_mean": skew,
         "rank_load_max_over_mean": float(local_rows.max() / local_rows.float().mean()),
@@ -306,6 +308,7 @@ def main() -> None:
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--ep", action="store_true", help="expert parallelism over the torchrun ranks")
+    parser.add_argument("--chunks", type=int, nargs="+", default=[1, 2], help="EP overlap chunks to compare")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     results = []
@@ -317,10 +320,12 @@ def main() -> None:
         mesh = init_device_mesh("cuda", (dist.get_world_size(),), mesh_dim_names=("ep",))["ep"]
         nccl = nccl_all_to_all_busbw(mesh.get_group())
         for name in args.layers:
-            row = expert_parallel(name, args.tokens, args.reps, mesh)
-            row["nccl_a2a_busbw_gbs"] = nccl
-            row["a2a_vs_nccl"] = row["a2a_busbw_gbs"] / nccl
-            results.append(row)
+            for chunks in args.chunks:
+                row = expert_parallel(name, args.tokens, args.reps, mesh, chunks)
+                row["nccl_a2a_busbw_gbs"] = nccl
+                row["a2a_vs_nccl"] = row["a2a_busbw_gbs"] / nccl
+                results.append(row)
+                torch.cuda.empty_cache()
     else:
         for name in args.layers:
             results.append(single_gpu(name, args.tokens, args.reps))

@@ -70,13 +70,13 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / scale)
 
 
-def _compare_case(mesh, router: str, shared: bool, mode: str) -> dict[str, float]:
+def _compare_case(mesh, router: str, shared: bool, mode: str, chunks: int) -> dict[str, float]:
     """One case on this rank: the EP MoE vs the full MoE applied to every rank's tokens."""
     ep_mesh = mesh.submesh("ep")
     rank, world = dist.get_rank(), dist.get_world_size()
     base = _moe(router, shared, mode)
     ep_moe = copy.deepcopy(base)
-    ep_moe.enable_expert_parallel(ep_mesh)
+    ep_moe.enable_expert_parallel(ep_mesh, overlap_chunks=chunks)
 
     x_BSD = _tokens(rank).requires_grad_()
     y_BSD, stats = ep_moe(x_BSD)
@@ -114,17 +114,25 @@ def _compare_case(mesh, router: str, shared: bool, mode: str) -> dict[str, float
 
 
 def _all_cases(world: int, layout: dict, routers: list[str]) -> dict[str, dict[str, float]]:
+    layout = dict(layout)
+    chunks = layout.pop("chunks", 1)
     mesh = ParallelDims(world, **layout).build_mesh("cpu")
     results = {}
     for router in routers:
         for shared in (False, True):
             for mode in MODES:
-                results[f"{router}/shared={shared}/{mode}"] = _compare_case(mesh, router, shared, mode)
+                results[f"{router}/shared={shared}/{mode}"] = _compare_case(
+                    mesh, router, shared, mode, chunks
+                )
     return results
 
 
+# Token chunks pipelined through the all-to-alls (parallel.ep_overlap_chunks): 1 by default, 2 and 3 too.
 LAYOUTS = {
     "ep2": (2, {"dp_shard": 2, "ep": 2}),
+    "ep2-2chunks": (2, {"dp_shard": 2, "ep": 2, "chunks": 2}),
+    "ep2-3chunks": (2, {"dp_shard": 2, "ep": 2, "chunks": 3}),
+    "ep4-2chunks": (4, {"dp_shard": 4, "ep": 4, "chunks": 2}),
     "ep4": (4, {"dp_shard": 4, "ep": 4}),
     "ep2-edp2": (4, {"dp_shard": 4, "ep": 2}),
     "ep2-cp2": (4, {"dp_shard": 2, "cp": 2, "ep": 2}),

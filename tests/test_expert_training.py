@@ -55,6 +55,7 @@ LAYOUTS = {
     "ep2": ["parallel.dp_shard=4", "parallel.ep=2"],
     "ep4": ["parallel.dp_shard=4", "parallel.ep=4"],
     "ep2-cp2": ["parallel.dp_shard=2", "parallel.cp=2", "parallel.ep=2"],
+    "ep2-overlap2": ["parallel.dp_shard=4", "parallel.ep=2", "parallel.ep_overlap_chunks=2"],
 }
 
 

@@ -205,11 +205,11 @@ class Transformer(nn.Module):
         """The MoE layer of every decoder block, in order (looks through activation-checkpoint wrappers)."""
         return [module for module in self.modules() if isinstance(module, MoE)]
 
-    def enable_expert_parallel(self, ep_mesh, *, grad_scale: float = 1.0) -> None:
+    def enable_expert_parallel(self, ep_mesh, *, grad_scale: float = 1.0, overlap_chunks: int = 1) -> None:
         """Shard every layer's routed experts over ``ep_mesh`` and dispatch tokens over its group
         (see :meth:`MoE.enable_expert_parallel`)."""
         for moe in self.moe_layers():
-            moe.enable_expert_parallel(ep_mesh, grad_scale=grad_scale)
+            moe.enable_expert_parallel(ep_mesh, grad_scale=grad_scale, overlap_chunks=overlap_chunks)
 
     @torch.no_grad()
     def update_router_balance(self, load_LE: torch.Tensor) -> None:

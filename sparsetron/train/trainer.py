@@ -128,7 +128,9 @@ def install_expert_parallelism(model: Transformer, cfg: Config, mesh: ParallelMe
     if dims.ep > 1:
         # FSDP averages expert gradients over edp × dp_replicate = world/ep ranks, but each rank's expert
         # gradient already sums the tokens of its whole EP group: 1/ep makes it a world mean like the rest.
-        model.enable_expert_parallel(mesh.submesh("ep"), grad_scale=1.0 / dims.ep)
+        model.enable_expert_parallel(
+            mesh.submesh("ep"), grad_scale=1.0 / dims.ep, overlap_chunks=cfg.parallel.ep_overlap_chunks
+        )
     if dims.world_size > 1 and cfg.model.aux_loss.value == "global":
         model.set_batch_group(dist.group.WORLD)
 

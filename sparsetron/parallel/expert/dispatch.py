@@ -219,49 +219,96 @@ def _inverse(order: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
 
 
-class _AllToAll(torch.autograd.Function):
-    """``all_to_all_single`` with autograd; the forward is asynchronous, the backward the reverse exchange.
+@dataclass
+class Exchange:
+    """One all-to-all of rows over ``group`` and its reverse in backward, split into start and wait nodes.
 
-    The forward returns the output buffer at once and appends the work handle to ``pending``: the caller
-    must ``wait()`` on it before reading the output (computation issued in between overlaps the transfer).
+    ``in_splits``/``out_splits``: rows sent to / received from each member (None = equal splits).
+    """
+
+    group: object
+    in_rows: int
+    out_rows: int
+    in_splits: list[int] | None
+    out_splits: list[int] | None
+    forward_work: object = None
+    backward_work: object = None
+    backward_buffers: tuple = ()
+
+
+class _StartAllToAll(torch.autograd.Function):
+    """Launches the all-to-all (asynchronous) and returns its output buffer, to be read after the wait node.
+
+    Its backward runs after :class:`_WaitAllToAll`'s, which launched the reverse exchange: it only waits for
+    it. Autograd runs ready nodes latest-created first, so the backward of whatever was computed between the
+    two nodes in forward (the experts of another chunk, the shared expert) runs while the reverse transfer is
+    in flight.
     """
 
     @staticmethod
-    def forward(ctx, x, out_rows, out_splits, in_splits, group, pending):
-        ctx.group, ctx.in_rows, ctx.out_splits, ctx.in_splits = group, x.shape[0], out_splits, in_splits
-        out = x.new_empty((out_rows, *x.shape[1:]))
-        pending.append(
-            dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group, async_op=True)
+    def forward(ctx, x, exchange: Exchange):
+        out = x.new_empty((exchange.out_rows, *x.shape[1:]))
+        exchange.forward_work = dist.all_to_all_single(
+            out, x.contiguous(), exchange.out_splits, exchange.in_splits, group=exchange.group, async_op=True
         )
+        ctx.exchange = exchange
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_in = grad_out.new_empty((ctx.in_rows, *grad_out.shape[1:]))
-        dist.all_to_all_single(grad_in, grad_out.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
-        return grad_in, None, None, None, None, None
+        exchange = ctx.exchange
+        exchange.backward_work.wait()
+        grad_in, _ = exchange.backward_buffers
+        exchange.backward_buffers = ()
+        return grad_in, None
 
 
-def all_to_all(x, out_rows: int, out_splits, in_splits, group, pending: list) -> torch.Tensor:
-    """Differentiable asynchronous all-to-all of rows of ``x`` over ``group`` (see :class:`_AllToAll`).
+class _WaitAllToAll(torch.autograd.Function):
+    """Waits for the forward all-to-all; in backward, launches the reverse all-to-all and returns at once."""
 
-    ``in_splits``/``out_splits``: rows sent to / received from each member (None = equal splits).
-    """
-    return _AllToAll.apply(x, out_rows, out_splits, in_splits, group, pending)
+    @staticmethod
+    def forward(ctx, out, exchange: Exchange):
+        exchange.forward_work.wait()
+        exchange.forward_work = None
+        ctx.exchange = exchange
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        exchange = ctx.exchange
+        grad_out = grad_out.contiguous()
+        grad_in = grad_out.new_empty((exchange.in_rows, *grad_out.shape[1:]))
+        exchange.backward_work = dist.all_to_all_single(
+            grad_in, grad_out, exchange.in_splits, exchange.out_splits, group=exchange.group, async_op=True
+        )
+        exchange.backward_buffers = (grad_in, grad_out)  # alive until the transfer is waited for
+        return grad_out, None
+
+
+def start_all_to_all(x: torch.Tensor, exchange: Exchange) -> torch.Tensor:
+    """Differentiable asynchronous all-to-all of the rows of ``x``; read the result via :func:`wait_all_to_all`."""
+    return _StartAllToAll.apply(x, exchange)
+
+
+def wait_all_to_all(out: torch.Tensor, exchange: Exchange) -> torch.Tensor:
+    """Finish the all-to-all started with ``exchange``; ``out`` is what :func:`start_all_to_all` returned."""
+    return _WaitAllToAll.apply(out, exchange)
 
 
 @dataclass
 class DispatchedRows:
-    """What the experts of this rank compute on, and what combining needs to bring their outputs back.
+    """One chunk of this rank's tokens on its way to the experts and back.
 
-    ``rows_MD`` (activation dtype) grouped by local expert; ``counts_G`` int64 rows per local expert (device)
-    on the dropless path; on the capacity path ``rows_MD`` is ``[E_local, ep·C, D]`` (padded slots are zero).
+    ``rows``: after :meth:`ExpertDispatcher.wait`, the rows this rank's experts compute on, grouped by local
+    expert (activation dtype); ``counts_G`` int64 rows per local expert (device) on the dropless path; on the
+    capacity path ``rows`` is ``[E_local, ep·C, D]`` (padded slots are zero) and ``counts_G`` None.
+    ``tokens``: the chunk's token range.
     """
 
     rows: torch.Tensor
     counts_G: torch.Tensor | None
-    pending: list
-    _state: dict
+    tokens: tuple[int, int]
+    state: dict
 
 
 class ExpertDispatcher:
@@ -270,12 +317,14 @@ class ExpertDispatcher:
     Experts are laid out contiguously: EP rank ``r`` owns experts ``[r·E_local, (r+1)·E_local)``. With
     ``group`` None (or of size 1) everything is local and nothing communicates.
 
-    Usage: ``d = dispatch(x_TD, a)``; compute what overlaps (the shared expert); ``d = wait(d)``;
-    ``y = experts(d)``; ``combine(y, d) -> y_TD``. Communicates over ``group`` in dispatch (counts, rows)
-    and combine (rows); backward runs the reverse all-to-alls.
+    Usage: ``parts = dispatch(x_TD, a, chunks=c)``; compute what overlaps (the shared expert); per part
+    ``wait(d)``, run the experts on ``d.rows``, ``combine_start(y, d)``; then ``combine_finish(d)`` per part
+    gives its tokens' outputs in order. With ``chunks > 1`` (dropless, top-k routing) the tokens are split so
+    one chunk's all-to-alls overlap another chunk's expert GEMMs, forward and backward. Communicates over
+    ``group``: the per-expert counts (one exchange for all chunks), then each chunk's rows both ways.
     """
 
-    def __init__(self, num_experts: int, group=None) -> None:
+    def __init__(self, num_experts: int, group=None, chunks: int = 1) -> None:
         self.group = group if group is not None and dist.get_world_size(group) > 1 else None
         self.ep = dist.get_world_size(self.group) if self.group is not None else 1
         if num_experts % self.ep:
@@ -283,61 +332,91 @@ class ExpertDispatcher:
                 f"num_experts={num_experts} must be divisible by the EP degree {self.ep} (each EP rank owns "
                 "num_experts/ep experts); change model.num_experts or parallel.ep."
             )
+        if chunks < 1:
+            raise ValueError(f"chunks={chunks} must be ≥ 1 (parallel.ep_overlap_chunks).")
         self.num_experts = num_experts
         self.local_experts = num_experts // self.ep
+        self.chunks = chunks
         # Bytes this rank sent to other EP ranks in forward all-to-alls since the last reset (the backward
         # moves the same volume again); read and zeroed by the trainer for ``comm_bytes``.
         self.sent_bytes = 0
 
     # -- dropless ---------------------------------------------------------------------------------------------
 
-    def dispatch(self, x_TD: torch.Tensor, a: Assignments, capacity: int | None = None) -> DispatchedRows:
+    def dispatch(
+        self, x_TD: torch.Tensor, a: Assignments, capacity: int | None = None
+    ) -> list[DispatchedRows]:
         """Start moving the kept token copies of ``a`` to their experts' ranks (asynchronous when EP > 1)."""
         if capacity is not None:
-            return self._dispatch_capacity(x_TD, a, capacity)
+            return [self._dispatch_capacity(x_TD, a, capacity)]
+        tokens = x_TD.shape[0]
+        chunks = self.chunks if self.group is not None and a.per_token is not None else 1
+        chunks = max(1, min(chunks, tokens))
+        bounds = [(tokens * c // chunks, tokens * (c + 1) // chunks) for c in range(chunks)]
+        parts = [self._sort_chunk(x_TD, a, start, end, chunks > 1) for start, end in bounds]
+        if self.group is not None:
+            self._exchange_rows(parts)
+        return parts
+
+    def _sort_chunk(
+        self, x_TD: torch.Tensor, a: Assignments, start: int, end: int, sliced: bool
+    ) -> DispatchedRows:
+        if sliced:  # token-major, K per token: the chunk's assignments are a contiguous slice
+            k = a.per_token
+            a = Assignments(
+                a.token_N[start * k : end * k] - start,
+                a.expert_N[start * k : end * k],
+                a.weight_N[start * k : end * k],
+                a.keep_N[start * k : end * k],
+                None,
+                (end - start) * k,
+                k,
+            )
+            x_TD = x_TD[start:end]
         num_experts = self.num_experts
         key_N = torch.where(a.keep_N, a.expert_N, num_experts)  # dropped sort last, outside every group
         order_N = torch.argsort(key_N, stable=True)
         counts_E = torch.zeros(num_experts + 1, dtype=torch.int64, device=x_TD.device)
         counts_E.scatter_add_(0, key_N, torch.ones_like(key_N))
         counts_E = counts_E[:num_experts]
-        state = {"order_N": order_N, "a": a, "T": x_TD.shape[0]}
+        state = {"order_N": order_N, "a": a, "T": x_TD.shape[0], "counts_E": counts_E}
         if a.per_token is not None:
             inverse_N = _inverse(order_N)
             state["inverse_N"] = inverse_N
             rows_ND = _GatherCopies.apply(x_TD, a.token_N[order_N], inverse_N, a.per_token)
         else:
             rows_ND = x_TD[a.token_N[order_N]]
-        if self.group is None:
-            return DispatchedRows(rows_ND, counts_E, [], state)
+        return DispatchedRows(rows_ND, counts_E, (start, end), state)
 
-        ep, local = self.ep, self.local_experts
-        recv_counts_RG = torch.empty(ep, local, dtype=torch.int64, device=x_TD.device)
-        dist.all_to_all_single(recv_counts_RG, counts_E.view(ep, local).contiguous(), group=self.group)
+    def _exchange_rows(self, parts: list[DispatchedRows]) -> None:
+        ep, local, chunks = self.ep, self.local_experts, len(parts)
+        send_RCG = torch.stack([d.counts_G.view(ep, local) for d in parts], dim=1).contiguous()
+        recv_RCG = torch.empty_like(send_RCG)
+        dist.all_to_all_single(recv_RCG, send_RCG, group=self.group)
         # The one host sync of the dropless EP path: all_to_all_single takes its split sizes as ints.
-        sizes = torch.cat([counts_E.view(ep, local).sum(1), recv_counts_RG.sum(1)]).tolist()
-        send_splits, recv_splits = sizes[:ep], sizes[ep:]
-        sent = sum(send_splits)
+        sizes = torch.cat([send_RCG.sum(2).T.reshape(-1), recv_RCG.sum(2).T.reshape(-1)]).tolist()
         me = dist.get_rank(self.group)
-        row_bytes = rows_ND.shape[1] * rows_ND.element_size()
-        self.sent_bytes += (sent - send_splits[me] + sum(recv_splits) - recv_splits[me]) * row_bytes
-        pending: list = []
-        received_MD = all_to_all(
-            rows_ND[:sent], sum(recv_splits), recv_splits, send_splits, self.group, pending
-        )
-        state |= {"send_splits": send_splits, "recv_splits": recv_splits, "recv_counts_RG": recv_counts_RG}
-        return DispatchedRows(received_MD, recv_counts_RG.sum(0), pending, state)
+        for c, d in enumerate(parts):
+            send_splits = sizes[c * ep : (c + 1) * ep]
+            recv_splits = sizes[(chunks + c) * ep : (chunks + c + 1) * ep]
+            sent, received = sum(send_splits), sum(recv_splits)
+            row_bytes = d.rows.shape[1] * d.rows.element_size()
+            self.sent_bytes += (sent - send_splits[me] + received - recv_splits[me]) * row_bytes
+            exchange = Exchange(self.group, sent, received, send_splits, recv_splits)
+            d.state |= {"dispatch": exchange, "recv_counts_RG": recv_RCG[:, c], "rows_N": d.rows.shape[0]}
+            d.rows = start_all_to_all(d.rows[:sent], exchange)
+            d.counts_G = recv_RCG[:, c].sum(0)
 
-    @staticmethod
-    def wait(d: DispatchedRows) -> DispatchedRows:
-        """Finish the dispatch all-to-all and group the received rows by local expert."""
-        for work in d.pending:
-            work.wait()
-        d.pending.clear()
-        recv_counts_RG = d._state.get("recv_counts_RG")
-        if recv_counts_RG is None or d._state.get("regrouped"):
+    def wait(self, d: DispatchedRows) -> DispatchedRows:
+        """Finish ``d``'s dispatch all-to-all and group the received rows by local expert."""
+        exchange = d.state.get("dispatch")
+        if exchange is None:
+            return d
+        d.rows = wait_all_to_all(d.rows, exchange)
+        if "capacity" in d.state:
             return d
         # Received rows are ordered (source rank, local expert); the grouped GEMM wants (local expert, source).
+        recv_counts_RG = d.state["recv_counts_RG"]
         ep, local = recv_counts_RG.shape
         expert_of_row = torch.repeat_interleave(
             torch.arange(local, device=d.rows.device).repeat(ep),
@@ -346,33 +425,45 @@ class ExpertDispatcher:
         )
         regroup_M = torch.argsort(expert_of_row, stable=True)
         inverse_M = _inverse(regroup_M)
-        d._state |= {"regroup_M": regroup_M, "inverse_M": inverse_M, "regrouped": True}
+        d.state |= {"regroup_M": regroup_M, "inverse_M": inverse_M}
         d.rows = _Permute.apply(d.rows, regroup_M, inverse_M)
         return d
 
-    def combine(self, y_rows: torch.Tensor, d: DispatchedRows) -> torch.Tensor:
-        """Expert outputs back to their tokens: ``y_TD = Σ_kept weight · expert_output`` (activation dtype)."""
-        if "capacity" in d._state:
-            return self._combine_capacity(y_rows, d)
-        state = d._state
-        a, order_N = state["a"], state["order_N"]
-        if self.group is not None:
-            y_received = _Permute.apply(y_rows, state["inverse_M"], state["regroup_M"])
-            pending: list = []
-            y_sent = all_to_all(
-                y_received,
-                sum(state["send_splits"]),
-                state["send_splits"],
-                state["recv_splits"],
-                self.group,
-                pending,
+    def combine_start(self, y_rows: torch.Tensor, d: DispatchedRows) -> None:
+        """Start sending the expert outputs ``y_rows`` (grouped as ``d.rows``) back to their tokens' ranks."""
+        d.state["y_rows"] = y_rows
+        exchange = d.state.get("dispatch")
+        if exchange is None:
+            return
+        if "capacity" in d.state:
+            capacity, dim = d.state["capacity"], y_rows.shape[-1]
+            y_SD = (
+                y_rows.view(self.local_experts, self.ep, capacity, dim)
+                .transpose(0, 1)
+                .reshape(self.num_experts * capacity, dim)
             )
-            for work in pending:
-                work.wait()
-            # Dropped rows (sorted last) produce zeros.
-            y_rows = torch.cat([y_sent, y_sent.new_zeros(order_N.numel() - y_sent.shape[0], y_sent.shape[1])])
+        else:
+            y_SD = _Permute.apply(y_rows, d.state["inverse_M"], d.state["regroup_M"])
+        back = Exchange(
+            self.group, exchange.out_rows, exchange.in_rows, exchange.out_splits, exchange.in_splits
+        )
+        d.state["combine"] = back
+        d.state["y_rows"] = start_all_to_all(y_SD, back)
+
+    def combine_finish(self, d: DispatchedRows) -> torch.Tensor:
+        """The chunk's outputs ``y_TD = Σ_kept weight · expert_output`` (activation dtype), in token order."""
+        y_rows = d.state["y_rows"]
+        if "combine" in d.state:
+            y_rows = wait_all_to_all(y_rows, d.state["combine"])
+        if "capacity" in d.state:
+            return self._combine_capacity(y_rows, d)
+        state = d.state
+        a, order_N = state["a"], state["order_N"]
+        rows_N = state.get("rows_N", y_rows.shape[0])
+        if y_rows.shape[0] < rows_N:
+            # Dropped copies were sorted last and never sent: their outputs are zero.
+            y_rows = torch.cat([y_rows, y_rows.new_zeros(rows_N - y_rows.shape[0], y_rows.shape[1])])
         if a.per_token is not None:
-            # Back to token-major order, then each token's K copies summed with their weights.
             # Each token's K weighted copies summed where the experts left them (one fused pass each way).
             position_TK = state["inverse_N"].view(state["T"], a.per_token)
             weight_TK = (a.weight_N * a.keep_N).view(state["T"], a.per_token)
@@ -392,16 +483,17 @@ class ExpertDispatcher:
         slot_N = torch.where(a.keep_N, a.expert_N * capacity + a.slot_N, slots)
         buffer_SD = x_TD.new_zeros(slots + 1, dim).index_add(0, slot_N, x_TD[a.token_N])[:slots]
         state = {"capacity": capacity, "slot_N": slot_N, "a": a, "T": x_TD.shape[0]}
-        pending: list = []
         if self.group is not None:
             # Dispatch and combine each move (ep − 1)/ep of the buffer off this rank.
             self.sent_bytes += 2 * buffer_SD.numel() * buffer_SD.element_size() * (self.ep - 1) // self.ep
-            buffer_SD = all_to_all(buffer_SD, slots, None, None, self.group, pending)
-        return DispatchedRows(buffer_SD, None, pending, state)
+            exchange = Exchange(self.group, slots, slots, None, None)
+            state["dispatch"] = exchange
+            buffer_SD = start_all_to_all(buffer_SD, exchange)
+        return DispatchedRows(buffer_SD, None, (0, x_TD.shape[0]), state)
 
     def padded_rows(self, d: DispatchedRows) -> torch.Tensor:
         """Capacity path: the received buffer as ``[E_local, ep·C, D]`` (after :meth:`wait`)."""
-        capacity, dim = d._state["capacity"], d.rows.shape[1]
+        capacity, dim = d.state["capacity"], d.rows.shape[1]
         # Received layout: [source rank, local expert, slot] -> experts first.
         return (
             d.rows.view(self.ep, self.local_experts, capacity, dim)
@@ -409,20 +501,12 @@ class ExpertDispatcher:
             .reshape(self.local_experts, self.ep * capacity, dim)
         )
 
-    def _combine_capacity(self, y_GCD: torch.Tensor, d: DispatchedRows) -> torch.Tensor:
-        state = d._state
+    def _combine_capacity(self, y_rows: torch.Tensor, d: DispatchedRows) -> torch.Tensor:
+        state = d.state
         capacity, a = state["capacity"], state["a"]
-        dim = y_GCD.shape[-1]
-        y_SD = (
-            y_GCD.view(self.local_experts, self.ep, capacity, dim)
-            .transpose(0, 1)
-            .reshape(self.num_experts * capacity, dim)
-        )
-        if self.group is not None:
-            pending: list = []
-            y_SD = all_to_all(y_SD, y_SD.shape[0], None, None, self.group, pending)
-            for work in pending:
-                work.wait()
-        y_SD = torch.cat([y_SD, y_SD.new_zeros(1, dim)])  # the spare row of dropped assignments
+        dim = y_rows.shape[-1]
+        if "combine" not in state:  # local: still grouped [E, C, D]
+            y_rows = y_rows.reshape(self.num_experts * capacity, dim)
+        y_SD = torch.cat([y_rows, y_rows.new_zeros(1, dim)])  # the spare row of dropped assignments
         y_ND = y_SD[state["slot_N"]] * (a.weight_N * a.keep_N)[:, None].to(y_SD.dtype)
         return y_ND.new_zeros(state["T"], dim).index_add(0, a.token_N, y_ND)

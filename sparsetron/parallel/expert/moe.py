@@ -125,13 +125,14 @@ class MoE(nn.Module):
         if self.shared_gate is not None:
             nn.init.normal_(self.shared_gate.weight, mean=0.0, std=self.init_std)
 
-    def enable_expert_parallel(self, ep_mesh, *, grad_scale: float = 1.0) -> None:
+    def enable_expert_parallel(self, ep_mesh, *, grad_scale: float = 1.0, overlap_chunks: int = 1) -> None:
         """Shard the routed experts over the 1-D ``ep_mesh`` and route tokens over its group.
 
         Every rank must hold the same full weights when called. ``grad_scale`` multiplies the expert weight
-        gradients (the trainer passes ``1/ep``, see :attr:`SwiGLUExperts.grad_scale`).
+        gradients (the trainer passes ``1/ep``, see :attr:`SwiGLUExperts.grad_scale`). ``overlap_chunks``
+        splits the tokens so one chunk's all-to-alls overlap another's experts (dropless top-k routing).
         """
-        self.dispatcher = ExpertDispatcher(self.num_experts, ep_mesh.get_group())
+        self.dispatcher = ExpertDispatcher(self.num_experts, ep_mesh.get_group(), chunks=overlap_chunks)
         self.experts.shard(ep_mesh)
         self.experts.grad_scale = grad_scale
 
@@ -168,19 +169,20 @@ class MoE(nn.Module):
         x_TD = x_BSD.reshape(batch * seq_len, dim)
         route = self.router(x_TD)
         assignments, capacity = self._assign(route, x_TD.shape[0])
-        dispatched = self.dispatcher.dispatch(x_TD, assignments, capacity)
-        # The shared expert runs while the dispatch all-to-all is in flight.
+        parts = self.dispatcher.dispatch(x_TD, assignments, capacity)
+        # The shared expert runs while the first dispatch all-to-all is in flight.
         shared_TD = None
         if self.shared_expert is not None:
             shared_TD = self.shared_expert(x_TD)
             if self.shared_gate is not None:
                 shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
-        dispatched = self.dispatcher.wait(dispatched)
-        if capacity is None:
-            y_rows = self.experts(dispatched.rows, dispatched.counts_G)
-        else:
-            y_rows = self.experts(self.dispatcher.padded_rows(dispatched))
-        y_TD = self.dispatcher.combine(y_rows, dispatched)
+        # Chunk c's experts run while chunk c+1's rows arrive and chunk c−1's outputs leave.
+        for part in parts:
+            part = self.dispatcher.wait(part)
+            rows = part.rows if capacity is None else self.dispatcher.padded_rows(part)
+            self.dispatcher.combine_start(self.experts(rows, part.counts_G), part)
+        outputs = [self.dispatcher.combine_finish(part) for part in parts]
+        y_TD = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         if shared_TD is not None:
             y_TD = y_TD + shared_TD
         stats = self._stats(route, assignments, batch, seq_len, x_BSD.device)
