@@ -83,7 +83,11 @@ def _worker_main(
 #: Every DeviceMesh a task builds creates a dozen gloo groups, each with its own threads, and DeviceMesh caches
 #: them, so they cannot be destroyed behind its back. A pool whose ranks hold more groups than this is retired
 #: after the task and rebuilt on the next call (about a second) instead of crawling under thousands of threads.
-MAX_GROUPS_PER_RANK = 200
+MAX_GROUPS_PER_RANK = 100
+#: Idle pools are not free: each group's gloo event-loop thread keeps waking, and on a 2-core CI machine a few
+#: idle pools with hundreds of groups left the running test a fraction of the CPU (load average above 70).
+#: Before a task runs, other pools whose ranks hold more groups than this are closed.
+MAX_IDLE_GROUPS_PER_RANK = 16
 
 
 def _live_group_count() -> int:
@@ -100,6 +104,7 @@ class RankPool:
         import torch.distributed as dist
 
         self.world_size = world_size
+        self.groups = 1  # process groups each rank held after the last task (the world's included)
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["torch", "torch.distributed"])
         # The parent owns the rendezvous store, so the port is picked by the OS and never collides.
@@ -151,7 +156,8 @@ class RankPool:
         for conn in self._conns:
             conn.send((fn, args, kwargs))
         replies = self._collect(timeout, fn.__name__)
-        if max(groups for _, _, groups in replies.values()) > MAX_GROUPS_PER_RANK:
+        self.groups = max(groups for _, _, groups in replies.values())
+        if self.groups > MAX_GROUPS_PER_RANK:
             self.close()
         return [replies[r][1] for r in range(self.world_size)]
 
@@ -237,6 +243,10 @@ class RankPools:
 
     def run(self, world_size: int, fn, *args: Any, timeout: float = 60.0, **kwargs: Any) -> list[Any]:
         """Run ``fn`` on a ``world_size``-rank pool (see :meth:`RankPool.run`)."""
+        for size, other in list(self._pools.items()):
+            if size != world_size and other.groups > MAX_IDLE_GROUPS_PER_RANK:
+                other.close()
+                del self._pools[size]
         pool = self._pools.get(world_size)
         if pool is None or not pool.alive:
             pool = self._pools[world_size] = RankPool(world_size)

@@ -251,3 +251,15 @@ def test_activation_checkpointing_changes_memory_not_math(ranks, tmp_path):
 
     keys = set(read_manifest(tmp_path / "ac" / "checkpoints" / "step-00000004")["tensors"])
     assert keys == set(read_manifest(tmp_path / "plain" / "checkpoints" / "step-00000004")["tensors"])
+
+
+def test_clip_grad_norm_scales_the_gradients_and_returns_the_norm_before_clipping():
+    from sparsetron.train.optim import clip_grad_norm
+
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+    params[0].grad = torch.tensor([3.0, 0.0, 0.0])
+    params[1].grad = torch.tensor([[0.0, 4.0], [0.0, 0.0]])
+    assert clip_grad_norm(params, 1.0) == pytest.approx(5.0)
+    clipped = torch.cat([p.grad.flatten() for p in params]).norm()
+    assert float(clipped) == pytest.approx(1.0, rel=1e-5)
+    assert clip_grad_norm(params, float("inf")) == pytest.approx(1.0, rel=1e-5)  # measures only

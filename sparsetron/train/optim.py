@@ -51,17 +51,18 @@ def clip_grad_norm(parameters, max_norm: float) -> float:
     per mesh (a collective over that mesh), combined on the host side of the math, and every gradient is
     scaled by the same coefficient. Plain tensors form their own group (no communication).
     """
-    by_mesh: dict[object, list[torch.Tensor]] = {}
+    by_mesh: dict[object, list[torch.nn.Parameter]] = {}
     for param in parameters:
         if param.grad is not None:
-            by_mesh.setdefault(getattr(param.grad, "device_mesh", None), []).append(param.grad)
+            by_mesh.setdefault(getattr(param.grad, "device_mesh", None), []).append(param)
     if not by_mesh:
         return 0.0
     norms = []
-    for grads in by_mesh.values():
-        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    for params in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
         norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
-    for grads in by_mesh.values():
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total)
+    for params in by_mesh.values():
+        # Takes parameters (it scales their .grad), not the gradients themselves.
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return float(total)
