@@ -23,6 +23,7 @@ import sys
 import traceback
 
 import torch
+from cuda_timing import median_seconds
 
 from sparsetron.kernels import attention_sdpa
 from sparsetron.kernels.attention import (
@@ -39,22 +40,6 @@ aten = torch.ops.aten
 
 def fwd_flops(seq_q: int, seq_k: int, causal: bool) -> float:
     return 4 * HQ * seq_q * seq_k * D * (0.5 if causal else 1.0)
-
-
-def timed(fn, reps: int, warmup: int = 2) -> float:
-    """Median seconds of ``fn`` over ``reps`` runs after ``warmup`` runs, timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def make_inputs(seq: int, hkv: int, seed: int = 0):
@@ -125,8 +110,8 @@ def measure(steps, flops: float, reps: int) -> dict:
     """TFLOP/s of forward and forward+backward; an error is reported as such, the run goes on."""
     fwd, fwd_bwd = steps
     try:
-        t_fwd = timed(fwd, reps)
-        t_all = timed(fwd_bwd, reps)
+        t_fwd = median_seconds(fwd, reps)
+        t_all = median_seconds(fwd_bwd, reps)
     except RuntimeError as err:  # e.g. a kernel that rejects a shape: say so in the table, keep measuring
         traceback.print_exc(file=sys.stderr)
         return {"error": str(err).splitlines()[0][:120]}

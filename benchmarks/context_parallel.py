@@ -18,6 +18,7 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from cuda_timing import median_seconds
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sparsetron.parallel.context import context_attention, shard_sequence
@@ -27,23 +28,6 @@ D, HQ = 128, 32
 
 def fwd_bwd_flops(seq: int, heads: int) -> float:
     return 3.5 * 4 * heads * seq * seq * D / 2
-
-
-def timed(fn, reps: int) -> float:
-    """Median seconds of ``fn`` over ``reps`` runs after two warm-ups, with CUDA events."""
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        dist.barrier()
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def make_inputs(seq: int, hkv: int, dtype=torch.bfloat16, seed: int = 0):
@@ -101,7 +85,7 @@ def torch_cp_time(seq: int, hkv: int, mesh, reps: int) -> float:
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             out.backward(dout)
 
-        return timed(run, reps)
+        return median_seconds(run, reps, barrier=True)
 
 
 def errors(results, reference) -> float:
@@ -138,7 +122,7 @@ def main() -> None:
                     ("flash", SDPBackend.FLASH_ATTENTION),
                 ):
                     try:
-                        single[name] = timed_local(single_gpu_step(q, k, v, dout, backend), args.reps)
+                        single[name] = median_seconds(single_gpu_step(q, k, v, dout, backend), args.reps)
                     except RuntimeError as exc:  # a backend that refuses this shape
                         single[name] = float("nan")
                         print(
@@ -146,7 +130,7 @@ def main() -> None:
                         )
             shards = [shard_sequence(t, 1, group, "zigzag") for t in (q, k, v, dout)]
             del q, k, v, dout
-            ours = timed(ours_step(*shards, group), args.reps)
+            ours = median_seconds(ours_step(*shards, group), args.reps, barrier=True)
             del shards
             torch.cuda.empty_cache()
             try:
@@ -198,22 +182,6 @@ def main() -> None:
             f"{accuracy['single']:.2e}, ratio {accuracy['ours'] / accuracy['single']:.2f}"
         )
     dist.destroy_process_group()
-
-
-def timed_local(fn, reps: int) -> float:
-    """Like :func:`timed` but on one rank only (no barrier)."""
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def accuracy_check(seq: int, group, rank: int) -> dict:

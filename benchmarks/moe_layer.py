@@ -24,6 +24,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from cuda_timing import median_seconds
 
 from sparsetron.kernels.grouped_gemm import grouped_swiglu
 from sparsetron.parallel.expert import MoE
@@ -35,24 +36,6 @@ LAYERS = {
     "deepseek": (3584, 1024, 256, 8, 1024, "sigmoid_bias", {"n_groups": 8, "topk_groups": 4}, 0.1),
     "mixtral": (4096, 14336, 8, 2, 0, "softmax_topk", {}, 0.4),
 }
-
-
-def timed(fn, reps: int, barrier: bool = False) -> float:
-    """Median seconds of ``fn`` over ``reps`` runs after three warm-ups, with CUDA events."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        if barrier:
-            dist.barrier()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def build_layer(name: str, ep_mesh=None, chunks: int = 1) -> MoE:
@@ -158,10 +141,12 @@ def single_gpu(name: str, tokens: int, reps: int) -> dict:
             grouped_swiglu(rows, *w, counts, backend=backend).backward(dy)
 
         try:
-            out[f"experts_{backend}_tflops"] = expert_flops / timed(experts_step, reps) / 1e12
+            out[f"experts_{backend}_tflops"] = (
+                expert_flops / median_seconds(experts_step, reps, warmup=3) / 1e12
+            )
         except (ValueError, RuntimeError) as error:
             out[f"experts_{backend}_error"] = str(error)[:200]
-    out["dense_tflops"] = expert_flops / timed(dense_gemms(kept, dim, ffn), reps) / 1e12
+    out["dense_tflops"] = expert_flops / median_seconds(dense_gemms(kept, dim, ffn), reps, warmup=3) / 1e12
 
     x_grad = x.detach().requires_grad_()
     dy_layer = torch.randn_like(x)
@@ -172,7 +157,7 @@ def single_gpu(name: str, tokens: int, reps: int) -> dict:
         y, s = moe(x_grad)
         torch.autograd.backward([y, s.aux_loss], [dy_layer, torch.ones_like(s.aux_loss)])
 
-    out["layer_tflops"] = layer_flops(moe, kept, tokens) / timed(layer_step, reps) / 1e12
+    out["layer_tflops"] = layer_flops(moe, kept, tokens) / median_seconds(layer_step, reps, warmup=3) / 1e12
     out["expert_ratio"] = (
         max(out.get("experts_torch_tflops", 0), out.get("experts_triton_tflops", 0)) / out["dense_tflops"]
     )
@@ -185,7 +170,7 @@ def nccl_all_to_all_busbw(group, nbytes: int = 256 << 20) -> float:
     world = dist.get_world_size(group)
     x = torch.empty(nbytes // 2, device="cuda", dtype=torch.bfloat16)
     y = torch.empty_like(x)
-    seconds = timed(lambda: dist.all_to_all_single(y, x, group=group), 10, barrier=True)
+    seconds = median_seconds(lambda: dist.all_to_all_single(y, x, group=group), 10, barrier=True, warmup=3)
     return nbytes / seconds * (world - 1) / world / 1e9
 
 
@@ -255,7 +240,7 @@ def expert_parallel(name: str, tokens: int, reps: int, mesh, chunks: int) -> dic
         y, s = moe(x)
         torch.autograd.backward([y, s.aux_loss], [dy, torch.ones_like(s.aux_loss)])
 
-    layer_s = timed(step, reps, barrier=True)
+    layer_s = median_seconds(step, reps, barrier=True, warmup=3)
     with torch.no_grad():
         _, stats = moe(x)
     kept = stats.tokens_per_expert_E.clone()
@@ -271,10 +256,11 @@ def expert_parallel(name: str, tokens: int, reps: int, mesh, chunks: int) -> dic
         send_splits, recv_splits = counts.tolist(), recv.tolist()
     payload = x.detach().view(tokens, dim)[route.token_N]
     received = payload.new_empty(sum(recv_splits), dim)
-    a2a_s = timed(
+    a2a_s = median_seconds(
         lambda: dist.all_to_all_single(received, payload, recv_splits, send_splits, group=group),
         reps,
         barrier=True,
+        warmup=3,
     )
     # NVLink is full duplex: the transfer takes as long as the larger direction.
     off_rank = max(send_splits[1 - rank], recv_splits[1 - rank]) * dim * 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from launch_env import clean_env
 
 from sparsetron.config import load_config
 from sparsetron.dist.preflight import check_job
@@ -75,34 +75,23 @@ def test_bf16_matches_fp32_from_the_same_cuda_init(tmp_path):
     assert abs(bf16[0] - fp32[0]) / fp32[0] < 1e-2, (bf16, fp32)
 
 
+def _cli_train_on_two_gpus(*overrides: str) -> subprocess.CompletedProcess:
+    """``sparsetron train --nproc 2`` on the quick demo config plus ``overrides``, in a clean environment."""
+    argv = [sys.executable, "-m", "sparsetron.cli", "train", *QUICK, "cluster.device=cuda", *overrides]
+    return subprocess.run(
+        [*argv, "--nproc", "2"], env=clean_env(), capture_output=True, text=True, timeout=600
+    )
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_fsdp2_over_nccl_on_two_gpus_with_resume(tmp_path):
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_", "LOCAL_"))
-    }
-    argv = [
-        sys.executable,
-        "-m",
-        "sparsetron.cli",
-        "train",
-        *QUICK,
-        "parallel.dp_shard=2",
-        "cluster.device=cuda",
-        "train.steps=20",
-        f"train.run_dir={tmp_path}",
-        "--nproc",
-        "2",
-    ]
-    first = subprocess.run(
-        [*argv, "checkpoint.interval=10"], env=env, capture_output=True, text=True, timeout=600
-    )
+    layout = ["parallel.dp_shard=2", f"train.run_dir={tmp_path}"]
+    first = _cli_train_on_two_gpus(*layout, "train.steps=20", "checkpoint.interval=10")
     assert first.returncode == 0, first.stdout + first.stderr
     steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1]["loss"] < steps[0]["loss"] - 1.0
     assert (Path(tmp_path) / "checkpoints" / "step-00000020" / "manifest.json").exists()
-    extend = subprocess.run(
-        [*argv[:-4], "train.steps=24", *argv[-3:]], env=env, capture_output=True, text=True, timeout=600
-    )
+    extend = _cli_train_on_two_gpus(*layout, "train.steps=24")
     assert extend.returncode == 0, extend.stdout + extend.stderr
     assert "resumed from" in extend.stdout
 
@@ -110,25 +99,13 @@ def test_fsdp2_over_nccl_on_two_gpus_with_resume(tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_expert_parallel_training_on_two_gpus(tmp_path):
     """EP=2 over NCCL: meta-device init of DTensor experts, all-to-all dispatch, experts sharded over edp."""
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_", "LOCAL_"))
-    }
-    argv = [
-        sys.executable,
-        "-m",
-        "sparsetron.cli",
-        "train",
-        *QUICK,
+    result = _cli_train_on_two_gpus(
         "parallel.dp_shard=2",
         "parallel.ep=2",
         "model.router=sigmoid_bias",
         "model.aux_loss=none",
-        "cluster.device=cuda",
         f"train.run_dir={tmp_path}",
-        "--nproc",
-        "2",
-    ]
-    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1]["loss"] < steps[0]["loss"] - 1.0

@@ -60,10 +60,6 @@ class Assignments:
         """Router assignments not kept (fp32 scalar, on device; no host sync)."""
         return (~self.keep_N[: self.routed]).sum().float()
 
-    def added(self) -> torch.Tensor:
-        """Assignments added by rounding up (fp32 scalar, on device)."""
-        return self.keep_N[self.routed :].sum().float()
-
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
     """Slots per expert for ``num_tokens`` local tokens: ``ceil(T·k/E · capacity_factor)`` (GShard), ≥ 1."""
