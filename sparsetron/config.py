@@ -241,13 +241,27 @@ class DPConfig:
     inner_steps: int = knob(30, "Inner optimizer steps between outer synchronisations (DiLoCo/SparseLoCo H).")
     topk: int = knob(64, "SparseLoCo: values kept per chunk.")
     chunk: int = knob(4096, "SparseLoCo: elements per chunk (64×64 tiles for 2-D tensors).")
-    bits: int = knob(2, "SparseLoCo: bits per transmitted value.")
+    bits: int = knob(
+        2,
+        "SparseLoCo: bits per transmitted value: 1–8 quantised against a per-tensor codebook, 16/32 raw bf16/fp32.",
+    )
     error_decay: float = knob(0.95, "SparseLoCo: error-feedback decay β.")
     outer_lr: float | None = knob(
         None, "Outer SGD learning rate; null = algorithm default (DiLoCo 0.7, SparseLoCo 1.0)."
     )
     outer_momentum: float | None = knob(
         None, "Outer Nesterov momentum; null = algorithm default (DiLoCo 0.9, SparseLoCo 0)."
+    )
+    index_coding: str = knob(
+        "packed12",
+        "SparseLoCo wire coding of in-chunk indices: packed12 (12 bits, packed on the device) or rice "
+        "(entropy-coded gaps, ~7.5 bits at k=64 of 4096, encoded on the host).",
+    )
+    dense_below: int = knob(4096, "SparseLoCo: tensors with fewer elements are sent dense (fp32).")
+    overlap: bool = knob(
+        False,
+        "Exchange each outer step's pseudo-gradients in the background during the next inner phase and apply "
+        "them one phase late (replicas continue from θ plus their own progress).",
     )
 
 
@@ -295,6 +309,11 @@ class DataConfig:
     tokenizer: str = knob("bytes", "bytes (built in) or the name/path of an installed HF tokenizer.")
     passkey_digits: int = knob(5, "Digits of the passkey to retrieve.")
     recall_pairs: int = knob(8, "Key/value pairs per associative-recall sample.")
+    heldout_windows: int = knob(
+        0,
+        "zarr/corpus: the last N windows are held out of training and scored by evaluation (eval_loss); "
+        "0 trains on every window.",
+    )
 
 
 @dataclass

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from sparsetron.parallel.data.compress import (
     TILE,
     ErrorFeedback,
+    add_chunked_,
     chunking_for,
     dequantize,
     fit_codebook,
@@ -19,7 +20,7 @@ from sparsetron.parallel.data.compress import (
     topk_per_chunk,
 )
 
-SHAPES = [(7,), (4096,), (5000,), (128, 192), (130, 64), (3, 5, 7), (64, 64)]
+SHAPES = [(7,), (4096,), (5000,), (128, 192), (130, 64), (3, 5, 7), (64, 64), (2, 64, 128)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -31,8 +32,10 @@ def test_chunks_round_trip_and_tiles_are_spatial_blocks(shape, chunk):
     assert rows.shape == (chunking.num_chunks, chunk)
     assert torch.equal(from_chunks(rows, chunking), x)
     if chunking.tiled and chunking.num_chunks > 1:
-        # Row 1 of the chunks is the tile right of the first one: x[0:64, 64:128].
-        assert torch.equal(rows[1].view(TILE, TILE), x[:TILE, TILE : 2 * TILE])
+        # Row 1 of the chunks is the tile right of the first one: x[0:64, 64:128] of the matrix view
+        # (for stacked experts [E, d, f] the rows of expert 0 come first, so tiles never straddle experts).
+        matrix = x.reshape(-1, shape[-1])
+        assert torch.equal(rows[1].view(TILE, TILE), matrix[:TILE, TILE : 2 * TILE])
     else:
         assert torch.equal(rows.reshape(-1)[: x.numel()], x.reshape(-1))
         assert not rows.reshape(-1)[x.numel() :].any()
@@ -99,7 +102,7 @@ def test_error_feedback_keeps_everything_not_sent(shape):
         chunking = sent.chunking
         per_chunk = to_chunks(dense, chunking).ne(0).sum(dim=1)
         assert int(per_chunk.max()) <= 64
-    torch.testing.assert_close(total_sent + ef.errors["w"], total_delta, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(total_sent + ef.state_dict()["w"], total_delta, atol=1e-5, rtol=1e-5)
 
 
 def test_error_decay_scales_the_old_error():
@@ -107,10 +110,10 @@ def test_error_decay_scales_the_old_error():
     first = torch.randn(32)
     sent = ef.compress("b", first)
     residual = first - sent.dense()
-    torch.testing.assert_close(ef.errors["b"], residual)
+    torch.testing.assert_close(ef.state_dict()["b"], residual)
     second = torch.randn(32)
     sent2 = ef.compress("b", second)
-    torch.testing.assert_close(ef.errors["b"], 0.5 * residual + second - sent2.dense())
+    torch.testing.assert_close(ef.state_dict()["b"], 0.5 * residual + second - sent2.dense())
 
 
 def test_bad_settings_and_shape_changes_are_named():
@@ -122,9 +125,50 @@ def test_bad_settings_and_shape_changes_are_named():
         chunking_for((4,), 0)
     with pytest.raises(ValueError, match=r"error decay β=1.5"):
         ErrorFeedback(decay=1.5)
+    with pytest.raises(ValueError, match=r"bits=12 must be 1–8"):
+        ErrorFeedback(bits=12)
     ef = ErrorFeedback(chunk=16, topk=4)
     ef.compress("w", torch.randn(8))
     with pytest.raises(
         ValueError, match=r"tensor 'w': delta of shape \(9,\) but its error buffer has shape \(8,\)"
     ):
         ef.compress("w", torch.randn(9))
+
+
+def test_add_chunked_matches_to_chunks():
+    for shape in SHAPES:
+        chunking = chunking_for(shape, 4096)
+        x = torch.randn(shape)
+        rows = add_chunked_(torch.ones(chunking.num_chunks, 4096), x, chunking)
+        expected = to_chunks(x, chunking) + 1
+        if not chunking.tiled:  # padding stays untouched
+            expected.view(-1)[x.numel() :] = 1
+        assert torch.equal(rows, expected)
+
+
+@pytest.mark.parametrize("bits", [16, 32])
+def test_raw_values_and_full_k_send_everything(bits):
+    """k = chunk with fp32 values sends the error exactly (nothing left); bf16 leaves only its rounding."""
+    ef = ErrorFeedback(chunk=64, topk=64, bits=bits, decay=0.9)
+    delta = torch.randn(3, 70)
+    sent = ef.compress("w", delta)
+    assert sent.codes_NK.dtype == (torch.float32 if bits == 32 else torch.bfloat16)
+    assert sent.codebook.numel() == 0
+    if bits == 32:
+        assert torch.equal(sent.dense(), delta)
+        assert not ef.state_dict()["w"].any()
+    else:
+        assert torch.equal(sent.dense(), delta.bfloat16().float())
+        assert torch.equal(ef.state_dict()["w"], delta - delta.bfloat16().float())
+
+
+def test_error_state_round_trips_through_tensor_layout():
+    ef = ErrorFeedback(chunk=4096, topk=8, bits=2)
+    for name, shape in (("tiled", (128, 192)), ("flat", (5000,)), ("experts", (2, 64, 128))):
+        ef.compress(name, torch.randn(shape))
+    state = ef.state_dict()
+    restored = ErrorFeedback(chunk=4096, topk=8, bits=2)
+    restored.load_state_dict(state)
+    for name, (chunking, error_NC) in ef.errors.items():
+        assert restored.errors[name][0] == chunking
+        assert torch.equal(restored.errors[name][1], error_NC)

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sparsetron.parallel.data.wire import (
+    RAW_VALUE_DTYPES,
     CompressedTensor,
     DenseTensor,
     WireFormatError,
@@ -47,6 +48,12 @@ def _compressed(
 ) -> CompressedTensor:
     """A valid random CompressedTensor whose shape fills between num_chunks-1 and num_chunks chunks."""
     numel = int(rng.integers((num_chunks - 1) * chunk + 1, num_chunks * chunk + 1))
+    if bits in RAW_VALUE_DTYPES:  # the values themselves, no codebook
+        codes_NK = torch.from_numpy(rng.standard_normal((num_chunks, k)).astype(np.float32))
+        codes_NK, codebook = codes_NK.to(RAW_VALUE_DTYPES[bits][0]), torch.zeros(0)
+    else:
+        codes_NK = torch.from_numpy(rng.integers(0, 1 << bits, (num_chunks, k), dtype=np.uint8))
+        codebook = torch.from_numpy(rng.standard_normal(1 << bits).astype(np.float32))
     return CompressedTensor(
         name=name,
         shape=(1, numel),
@@ -54,8 +61,8 @@ def _compressed(
         indices_NK=torch.from_numpy(_sorted_indices(rng, num_chunks, k, chunk, pattern)).to(
             [torch.int16, torch.int32, torch.int64][int(rng.integers(3))]
         ),
-        codes_NK=torch.from_numpy(rng.integers(0, 1 << bits, (num_chunks, k), dtype=np.uint8)),
-        codebook=torch.from_numpy(rng.standard_normal(1 << bits).astype(np.float32)),
+        codes_NK=codes_NK,
+        codebook=codebook,
         bits=bits,
     )
 
@@ -70,7 +77,7 @@ def _items(draw: st.DrawFn) -> list[CompressedTensor | DenseTensor]:
             chunk = draw(st.one_of(st.sampled_from([16, 64, 256, 1024, 4096]), st.integers(16, 4096)))
             k = draw(st.integers(1, min(chunk, 128)))
             num_chunks = draw(st.integers(1, 20))
-            bits = draw(st.sampled_from([1, 2, 4, 8]))
+            bits = draw(st.sampled_from([1, 2, 4, 8, 16, 32]))
             pattern = draw(st.sampled_from(["random", "first", "last"]))
             items.append(_compressed(rng, f"layers.{i}.w", chunk, k, num_chunks, bits, pattern))
         else:
@@ -95,6 +102,7 @@ def _assert_same(decoded: CompressedTensor | DenseTensor, original: CompressedTe
     )
     assert decoded.indices_NK.dtype == torch.int64
     assert torch.equal(decoded.indices_NK, original.indices_NK.to(torch.int64))
+    assert decoded.codes_NK.dtype == original.codes_NK.dtype
     assert torch.equal(decoded.codes_NK, original.codes_NK)
     assert torch.equal(decoded.codebook.view(torch.int32), original.codebook.view(torch.int32))
 
@@ -212,7 +220,8 @@ def _valid() -> CompressedTensor:
         ({"indices_NK": torch.tensor([[-1, 2, 5, 6], [0, 1, 2, 3]])}, "must lie in"),
         ({"indices_NK": torch.zeros(2, 4)}, "int16/int32/int64"),
         ({"codes_NK": torch.full((2, 4), 4, dtype=torch.uint8)}, r"code 4 ≥ 2\*\*bits"),
-        ({"codes_NK": torch.zeros(2, 4, dtype=torch.int64)}, "must be uint8"),
+        ({"codes_NK": torch.zeros(2, 4, dtype=torch.int64)}, "must be torch.uint8"),
+        ({"bits": 16}, "must be torch.bfloat16"),
         ({"bits": 0}, "bits=0"),
         ({"bits": 9}, "bits=9"),
         ({"chunk": 0}, "chunk=0"),

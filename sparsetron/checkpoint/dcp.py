@@ -60,7 +60,7 @@ from sparsetron.checkpoint.manifest import (
 )
 
 #: Top-level keys of the DCP state dict.
-MODEL_KEY, OPTIMIZER_KEY, RNG_KEY = "model", "optimizer", "rng"
+MODEL_KEY, OPTIMIZER_KEY, EXTRA_KEY, RNG_KEY = "model", "optimizer", "extra", "rng"
 #: Bytes of full tensors read back at once while hashing; bounds the extra memory a save needs per rank.
 HASH_BATCH_BYTES = 256 << 20
 
@@ -79,9 +79,20 @@ class Checkpointer:
         keep_last: complete checkpoints to keep (>= 1); older ones are deleted after each successful save.
         layout: the parallel layout of the run (JSON-native dict), recorded in every manifest.
         config_yaml: the resolved run config, recorded in every manifest.
+        replica: with local-SGD data parallelism (DiLoCo, SparseLoCo) the replicas' weights and optimizer
+            states differ between outer steps, so each replica's go under its own prefix
+            ``replica-<replica, 5 digits>.`` (resharded within the replica on load); None: one shared state.
     """
 
-    def __init__(self, directory: str | Path, *, keep_last: int, layout: dict, config_yaml: str):
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        keep_last: int,
+        layout: dict,
+        config_yaml: str,
+        replica: int | None = None,
+    ):
         if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
             raise ValueError(
                 f"keep_last={keep_last!r} must be an integer >= 1 (the newest checkpoint is always kept); "
@@ -94,6 +105,14 @@ class Checkpointer:
         self.keep_last = keep_last
         self.layout = layout
         self.config_yaml = config_yaml
+        self.replica = replica
+
+    def _nest(self, state: dict) -> dict:
+        """``state`` under this rank's replica prefix (unchanged without replicas)."""
+        return state if self.replica is None else {replica_prefix(self.replica): state}
+
+    def _unnest(self, state: dict) -> dict:
+        return state if self.replica is None else state[replica_prefix(self.replica)]
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint under the directory, or None; process-local (no process group)."""
@@ -101,11 +120,18 @@ class Checkpointer:
         return found[-1][1] if found else None
 
     def save(
-        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        trainer_state: dict,
+        extra: dict[str, torch.Tensor] | None = None,
     ) -> Path:
         """Write the checkpoint of ``step`` atomically and return its final directory on every rank.
 
         Collective over the default (world) process group: every rank calls it with its own shards.
+        ``extra``: further tensors (plain or DTensor, e.g. the outer optimizer's state) saved next to the
+        model, under the same replica prefix.
         ``trainer_state`` must be JSON-native (dicts with str keys, lists, str, int, float, bool, None);
         rank 0's copy is written. ``step`` must be newer than every complete checkpoint in the directory,
         so that :meth:`latest` always names the checkpoint of the current run.
@@ -122,9 +148,12 @@ class Checkpointer:
 
         model_state, optimizer_state = get_state_dict(model, optimizer)
         rank_rng = {_rng_key(dist.get_rank(), device): state for device, state in _capture_rng().items()}
+        ours = {MODEL_KEY: model_state, OPTIMIZER_KEY: optimizer_state}
+        if extra:
+            ours[EXTRA_KEY] = extra
         try:
             dcp.save(
-                {MODEL_KEY: model_state, OPTIMIZER_KEY: optimizer_state, **rank_rng},
+                {**self._nest(ours), **rank_rng},
                 storage_writer=dcp.FileSystemWriter(scratch),
             )
         except dcp.CheckpointException as exc:  # DCP raises it on every rank
@@ -133,8 +162,16 @@ class Checkpointer:
         tensors, files = _hash_checkpoint_spread(scratch)
         return _on_rank0(lambda: self._commit(step, scratch, tensors, files, trainer_state))
 
-    def load(self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    def load(
+        self,
+        path: str | Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        extra: dict[str, torch.Tensor] | None = None,
+    ) -> dict:
         """Load checkpoint ``path`` into ``model`` and ``optimizer`` (resharding as needed); return trainer_state.
+
+        ``extra``: tensors saved with :meth:`save`'s ``extra``, filled in place (shapes and dtypes must match).
 
         Collective over the default (world) process group. Keys, shapes and dtypes of every tensor are checked
         against the checkpoint before anything is written, so a checkpoint that does not fit leaves the model
@@ -147,10 +184,13 @@ class Checkpointer:
         _require_process_group("Checkpointer.load")
         path = Path(path)
         # get_optimizer_state_dict gives a fresh optimizer its (zero) state so that DCP has tensors to load into.
-        state = {
+        ours = {
             MODEL_KEY: get_model_state_dict(model),
             OPTIMIZER_KEY: get_optimizer_state_dict(model, optimizer),
         }
+        if extra:
+            ours[EXTRA_KEY] = extra
+        state = self._nest(ours)
         trainer_state, rng = _on_every_rank(lambda: _prepare_load(path, state))
         try:
             # Partial: non-tensor entries a newer torch adds to param_groups keep their defaults; tensors were
@@ -165,8 +205,9 @@ class Checkpointer:
                 f"checkpoint {path}: reading the data failed after validation passed; the model and optimizer "
                 f"may be partly overwritten, load again or rebuild them: {_failure_text(exc)}"
             ) from exc
+        ours = self._unnest(state)
         set_state_dict(
-            model, optimizer, model_state_dict=state[MODEL_KEY], optim_state_dict=state[OPTIMIZER_KEY]
+            model, optimizer, model_state_dict=ours[MODEL_KEY], optim_state_dict=ours[OPTIMIZER_KEY]
         )
         _restore_rng(rng)
         return trainer_state
@@ -484,11 +525,8 @@ def _check_fits(path: Path, state: dict, metadata: dcp.Metadata) -> None:
     """Raise CheckpointError listing every tensor key missing, unknown, or of another shape/dtype."""
     flat, _ = flatten_state_dict(state)
     ours = {key: value for key, value in flat.items() if isinstance(value, torch.Tensor)}
-    saved = {
-        key: spec
-        for key, spec in _tensor_specs(metadata).items()
-        if key.split(".", 1)[0] in (MODEL_KEY, OPTIMIZER_KEY)
-    }
+    # Only the sections this rank loads: its replica's (other replicas' are other ranks' business).
+    saved = {key: spec for key, spec in _tensor_specs(metadata).items() if key.split(".", 1)[0] in state}
     problems = []
     for key in sorted(ours.keys() - saved.keys()):
         problems.append(f"'{key}' {_describe(ours[key].shape, ours[key].dtype)} is not in the checkpoint")
@@ -513,6 +551,11 @@ def _describe(shape: torch.Size, dtype: torch.dtype) -> str:
 
 
 # -- RNG and trainer state ---------------------------------------------------------------------------
+
+
+def replica_prefix(replica: int) -> str:
+    """Top-level key of one replica's model, optimizer and extra state (local-SGD checkpoints)."""
+    return f"replica-{replica:05d}"
 
 
 def _rng_key(rank: int, device: str) -> str:

@@ -101,6 +101,33 @@ def _routing_problems(m) -> list[str]:
     return out
 
 
+def _dp_problems(cfg: Config) -> list[str]:
+    """Rules of train.dp (DiLoCo / SparseLoCo settings)."""
+    d = cfg.train.dp
+    out = []
+    if d.algorithm.value == "ddp":
+        return out
+    if d.inner_steps < 1:
+        out.append(f"train.dp.inner_steps={d.inner_steps} must be ≥ 1 (DiLoCo/SparseLoCo use 15–100)")
+    if not 1 <= d.chunk <= 65536:
+        out.append(f"train.dp.chunk={d.chunk} must be in [1, 65536] (4096 = 64×64 tiles)")
+    elif not 1 <= d.topk <= d.chunk:
+        out.append(f"train.dp.topk={d.topk} must be in [1, chunk={d.chunk}] (the reference keeps 64 of 4096)")
+    if not (1 <= d.bits <= 8 or d.bits in (16, 32)):
+        out.append(f"train.dp.bits={d.bits} must be 1–8 (codebook) or 16/32 (raw values); the reference uses 2")
+    if not 0.0 <= d.error_decay <= 1.0:
+        out.append(f"train.dp.error_decay={d.error_decay} must be within [0, 1] (the reference uses 0.95)")
+    if d.outer_lr is not None and d.outer_lr <= 0:
+        out.append(f"train.dp.outer_lr={d.outer_lr} must be > 0 (null: 0.7 for diloco, 1.0 for sparseloco)")
+    if d.outer_momentum is not None and not 0.0 <= d.outer_momentum < 1.0:
+        out.append(f"train.dp.outer_momentum={d.outer_momentum} must be within [0, 1)")
+    if d.index_coding not in ("packed12", "rice"):
+        out.append(f"train.dp.index_coding={d.index_coding!r} must be packed12 or rice")
+    if d.dense_below < 1:
+        out.append(f"train.dp.dense_below={d.dense_below} must be ≥ 1")
+    return out
+
+
 def _fit_problems(cfg: Config, dims: ParallelDims) -> list[str]:
     """Rules that tie the model, sequence and batch to the layout."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
@@ -153,7 +180,7 @@ def check_job(cfg: Config, world_size: int) -> ParallelDims:
     """
     p = cfg.parallel
     u = cp_ulysses_degree(cfg)
-    problems = _method_problems(cfg) + _model_problems(cfg)
+    problems = _method_problems(cfg) + _model_problems(cfg) + _dp_problems(cfg)
     layout = layout_problems(world_size, p.dp_replicate, p.dp_shard, p.cp, p.ep, u)
     problems = layout + problems
     dims = None if layout else ParallelDims(world_size, p.dp_replicate, p.dp_shard, p.cp, p.ep, u)

@@ -400,7 +400,7 @@ class PackedSource:
 
     has_accuracy = False
 
-    def __init__(self, store: TokenStore, seq_len: int) -> None:
+    def __init__(self, store: TokenStore, seq_len: int, heldout: int = 0) -> None:
         if seq_len < 1:
             raise ValueError(f"seq_len must be ≥ 1, got {seq_len}")
         windows = (store.n_tokens - 1) // seq_len
@@ -409,21 +409,32 @@ class PackedSource:
                 f"token store {store.path} holds {store.n_tokens} tokens, fewer than the seq_len + 1 = "
                 f"{seq_len + 1} one sequence needs; lower train.seq_len or add text."
             )
+        if not 0 <= heldout < windows:
+            raise ValueError(
+                f"data.heldout_windows={heldout} must be in [0, {windows}) for this store at seq_len={seq_len} "
+                f"({windows} windows; training needs at least one); lower it."
+            )
         self.store = store
         self.seq_len = seq_len
         self.vocab_size = store.vocab_size
-        self.num_samples: int | None = windows
+        self.windows = windows
+        self.num_samples: int | None = windows - heldout
         self.identity = (
             f"packed(tokens={store.n_tokens}, docs={store.n_docs}, tokenizer={store.tokenizer}, "
-            f"text_sha256={store.text_sha256[:12]}, seq_len={seq_len})"
+            f"text_sha256={store.text_sha256[:12]}, seq_len={seq_len}, heldout={heldout})"
         )
 
     def __len__(self) -> int:
+        """Training windows (the held-out ones follow them)."""
         return self.num_samples
 
+    def heldout_indices(self) -> range:
+        """Indices of the held-out windows: the last ``heldout`` of the stream, never trained on."""
+        return range(self.num_samples, self.windows)
+
     def __getitem__(self, index: int) -> Sample:
-        if not 0 <= index < len(self):
-            raise IndexError(f"window {index} is outside [0, {len(self)})")
+        if not 0 <= index < self.windows:
+            raise IndexError(f"window {index} is outside [0, {self.windows})")
         seq_len, offsets_D = self.seq_len, self.store.doc_offsets_D
         start = index * seq_len
         window_W = self.store.read(start, start + seq_len + 1)  # W = S + 1
@@ -624,7 +635,8 @@ def build_source(data_cfg: DataConfig, train_cfg: TrainConfig, run_dir: str | Pa
                 f"token store {store.path} was tokenised with '{store.tokenizer}', but data.tokenizer is "
                 f"'{data_cfg.tokenizer}'; set data.tokenizer={store.tokenizer}."
             )
-        return PackedSource(store, seq_len)
+        return PackedSource(store, seq_len, data_cfg.heldout_windows)
     if data_cfg.source == "corpus":
-        return PackedSource(prepare_corpus(run_dir, load_tokenizer(data_cfg.tokenizer)), seq_len)
+        corpus = prepare_corpus(run_dir, load_tokenizer(data_cfg.tokenizer))
+        return PackedSource(corpus, seq_len, data_cfg.heldout_windows)
     raise ValueError(f"data.source={data_cfg.source!r} is unknown; valid sources: {', '.join(SOURCES)}.")

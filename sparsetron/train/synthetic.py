@@ -209,10 +209,15 @@ def sample_correct(
                 torch.stack([s["positions_S"] for s in samples]),
                 torch.stack([s["doc_ids_S"] for s in samples]),
             )
-            scored_BS = targets_BS != IGNORE_INDEX
-            hit_BS = (logits_BSV.argmax(dim=-1).to(targets_BS.device) == targets_BS) | ~scored_BS
-            correct += (hit_BS.all(dim=1) & scored_BS.any(dim=1)).tolist()
+            correct += answers_correct(logits_BSV, targets_BS)
     return correct
+
+
+def answers_correct(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> list[bool]:
+    """Per row: does the argmax of ``logits_BSV`` match every target that is not IGNORE_INDEX (and is there one)?"""
+    scored_BS = targets_BS != IGNORE_INDEX
+    hit_BS = (logits_BSV.argmax(dim=-1).to(targets_BS.device) == targets_BS) | ~scored_BS
+    return (hit_BS.all(dim=1) & scored_BS.any(dim=1)).tolist()
 
 
 def accuracy(model_fn: ModelFn, source: Source, indices: Sequence[int], *, batch_size: int = 16) -> float:

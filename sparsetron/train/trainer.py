@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from sparsetron.checkpoint import Checkpointer
+from sparsetron.checkpoint import Checkpointer, CheckpointError, read_manifest
 from sparsetron.config import Config, to_yaml
 from sparsetron.dist.layout import ParallelMesh
 from sparsetron.model import Transformer, count_parameters
@@ -29,10 +29,11 @@ from sparsetron.parallel.data.fsdp import (
     apply_data_parallel,
     fsdp_comm_bytes_per_step,
 )
+from sparsetron.parallel.data.outer import OuterStats, OuterStep
 from sparsetron.train.data import MicroBatch, StepLoader, build_source
 from sparsetron.train.metrics import MetricsLog, ProgressLine, peak_flops
 from sparsetron.train.optim import build_optimizer, clip_grad_norm, lr_factor
-from sparsetron.train.synthetic import heldout_indices
+from sparsetron.train.synthetic import answers_correct, heldout_indices
 
 
 class TrainingDiverged(RuntimeError):
@@ -65,11 +66,57 @@ def _refuse_unavailable(cfg: Config) -> None:
             "parallel.cp_method=sparse_ring: sparse context parallelism is not available yet (it lands with its "
             "own issue); use parallel.cp_method=ring, ulysses, hybrid or allgather."
         )
-    if cfg.train.dp.algorithm.value != "ddp":
-        raise NotAvailableYet(
-            f"train.dp.algorithm={cfg.train.dp.algorithm.value} is not available yet (DiLoCo/SparseLoCo land with "
-            "the SparseLoCo issue); use train.dp.algorithm=ddp."
-        )
+
+
+def local_sgd(cfg: Config) -> bool:
+    """Whether replicas train apart between outer steps (DiLoCo / SparseLoCo) instead of every step (DDP)."""
+    return cfg.train.dp.algorithm.value != "ddp"
+
+
+def replica_group(mesh: ParallelMesh):
+    """The ranks of this rank's replica (dp_shard × cp, EP folded inside): the world without dp_replicate."""
+    return mesh.group("dp_shard_cp") if mesh.dims.dp_replicate > 1 else None
+
+
+def build_outer_step(model: Transformer, cfg: Config, mesh: ParallelMesh) -> OuterStep | None:
+    """The DiLoCo / SparseLoCo outer step over ``dp_replicate`` for ``model``'s (sharded) parameters."""
+    if not local_sgd(cfg):
+        return None
+    d = cfg.train.dp
+    group = mesh.group("dp_replicate") if mesh.dims.dp_replicate > 1 else None
+    return OuterStep(
+        list(model.named_parameters()),
+        d.algorithm.value,
+        group,
+        lr=d.outer_lr,
+        momentum=d.outer_momentum,
+        chunk=d.chunk,
+        topk=d.topk,
+        bits=d.bits,
+        error_decay=d.error_decay,
+        dense_below=d.dense_below,
+        index_coding=d.index_coding,
+        overlap=d.overlap,
+    )
+
+
+@torch.no_grad()
+def average_buffers_over_replicas(model: Transformer, mesh: ParallelMesh) -> int:
+    """Mean of the floating-point buffers (e.g. the router's expert bias) over ``dp_replicate``; returns bytes
+    sent. Replicas update them from their own expert load between outer steps, so the outer step re-joins
+    them; one small fp32 all-reduce over the ``dp_replicate`` group."""
+    replicas = mesh.dims.dp_replicate
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    if replicas == 1 or not buffers:
+        return 0
+    flat = torch.cat([b.detach().float().reshape(-1) for b in buffers])
+    dist.all_reduce(flat, group=mesh.group("dp_replicate"))
+    flat /= replicas
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset : offset + b.numel()].view(b.shape))
+        offset += b.numel()
+    return int(2 * flat.numel() * 4 * (replicas - 1) / replicas)
 
 
 class _SequenceSharding:
@@ -132,7 +179,46 @@ def install_expert_parallelism(model: Transformer, cfg: Config, mesh: ParallelMe
             mesh.submesh("ep"), grad_scale=1.0 / dims.ep, overlap_chunks=cfg.parallel.ep_overlap_chunks
         )
     if dims.world_size > 1 and cfg.model.aux_loss.value == "global":
-        model.set_batch_group(dist.group.WORLD)
+        # Between outer steps a local-SGD replica is its own training job: balance over its ranks.
+        model.set_batch_group(replica_group(mesh) if local_sgd(cfg) else dist.group.WORLD)
+
+
+def _outer_record(stats: OuterStats) -> dict:
+    """metrics.jsonl fields of an outer step (bytes are this rank's; every rank of a replica sends alike)."""
+    return {
+        "outer_payload_bytes": stats.payload_bytes,
+        "outer_sent_bytes": stats.sent_bytes,
+        "outer_received_bytes": stats.received_bytes,
+        "outer_dense_fp32_bytes": stats.dense_fp32_bytes,
+        "outer_ratio_vs_fp32": stats.ratio_vs_fp32,
+        "outer_ratio_vs_bf16": stats.ratio_vs_bf16,
+        "outer_wait_s": stats.wait_s,
+        "outer_encode_s": stats.encode_s,
+        "outer_decode_s": stats.decode_s,
+    }
+
+
+def _check_resumable(path: Path, cfg: Config, dims) -> None:
+    """Refuse, before loading, a checkpoint whose replica structure differs from this run's.
+
+    DiLoCo/SparseLoCo checkpoints hold one state per replica (weights, AdamW moments, error buffers), so
+    they resume only with local SGD and the same dp_replicate; DDP checkpoints hold one shared state.
+    """
+    saved = read_manifest(path)["layout"]
+    saved_algorithm = saved.get("dp_algorithm", "ddp")
+    ours = cfg.train.dp.algorithm.value
+    if (saved_algorithm == "ddp") != (ours == "ddp"):
+        raise CheckpointError(
+            f"checkpoint {path} was saved with train.dp.algorithm={saved_algorithm} but this run uses {ours}: "
+            "DDP keeps one shared state, DiLoCo/SparseLoCo one per replica; resume with "
+            f"train.dp.algorithm={saved_algorithm} or start a new run (another train.run_dir / checkpoint.dir)."
+        )
+    if ours != "ddp" and saved["dp_replicate"] != dims.dp_replicate:
+        raise CheckpointError(
+            f"checkpoint {path} holds {saved['dp_replicate']} replicas' states but parallel.dp_replicate="
+            f"{dims.dp_replicate}; resume with parallel.dp_replicate={saved['dp_replicate']} (dp_shard, cp and ep "
+            "may change: each replica's state is resharded)."
+        )
 
 
 def _compute_dtype(cfg: Config, device_type: str) -> torch.dtype:
@@ -159,7 +245,7 @@ def build_model(cfg: Config, mesh: ParallelMesh, device_type: str, compute_dtype
         install_expert_parallelism(model, cfg, mesh)
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model.layers)
-        apply_data_parallel(model, mesh, param_dtype=None)
+        apply_data_parallel(model, mesh, param_dtype=None, sync_replicas=not local_sgd(cfg))
         return model
     with torch.device("meta"):
         model = Transformer(cfg.model)
@@ -168,7 +254,7 @@ def build_model(cfg: Config, mesh: ParallelMesh, device_type: str, compute_dtype
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model.layers)
     param_dtype = compute_dtype if compute_dtype != torch.float32 else None
-    apply_data_parallel(model, mesh, param_dtype=param_dtype)
+    apply_data_parallel(model, mesh, param_dtype=param_dtype, sync_replicas=not local_sgd(cfg))
     model.to_empty(device=device_type)
     with torch.no_grad():
         model.init_weights()
@@ -220,6 +306,11 @@ def train(
     """
     _refuse_unavailable(cfg)
     dims = mesh.dims
+    # DDP: every step is one job over the world. DiLoCo/SparseLoCo: between outer steps each replica is its
+    # own job, so losses are normalised and reduced over the replica's ranks only.
+    local = local_sgd(cfg)
+    step_group = replica_group(mesh) if local else None
+    step_world = dims.world_size // dims.dp_replicate if local else dims.world_size
     rank = dist.get_rank() if dist.is_initialized() else 0
     is_main = rank == 0
     run_dir = Path(cfg.train.run_dir)
@@ -240,6 +331,7 @@ def train(
     sharding = _SequenceSharding(cfg, mesh)
     dp_rank = mesh.coordinate("dp")
     global_seqs = cfg.train.global_batch_tokens // cfg.train.seq_len
+    step_seqs = global_seqs // dims.dp_replicate if local else global_seqs
     loader = StepLoader(
         source,
         seq_len=cfg.train.seq_len,
@@ -253,18 +345,24 @@ def train(
     model = build_model(cfg, mesh, device_type, compute_dtype)
     moe_layers = model.moe_layers()
     optimizer = build_optimizer(model, cfg.train)
+    outer = build_outer_step(model, cfg, mesh)
     checkpoint_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
     checkpointer = Checkpointer(
         checkpoint_dir,
         keep_last=cfg.checkpoint.keep_last,
-        layout=dims.__dict__ | {"world_size": dims.world_size},
+        layout=dims.__dict__ | {"world_size": dims.world_size, "dp_algorithm": cfg.train.dp.algorithm.value},
         config_yaml=to_yaml(cfg),
+        replica=mesh.coordinate("dp_replicate") if local else None,
     )
 
     start_step, tokens_seen, last_checkpoint = 0, 0, None
     latest = checkpointer.latest() if cfg.checkpoint.resume else None
     if latest is not None:
-        state = checkpointer.load(latest, model, optimizer)
+        _check_resumable(latest, cfg, dims)
+        extra = outer.state_dict() if outer is not None else None
+        state = checkpointer.load(latest, model, optimizer, extra)
+        if outer is not None:
+            outer.load_state_dict(extra)
         start_step, tokens_seen = state["step"], state["tokens"]
         loader.load_state_dict(state["data"])
         last_checkpoint = latest
@@ -274,16 +372,17 @@ def train(
     if latest is not None:
         progress.print(f"resumed from {latest} at step {start_step}")
     micro_batches = global_seqs // (dims.dp * cfg.train.micro_batch_size)
-    comm_bytes = fsdp_comm_bytes_per_step(model, mesh, micro_batches)
+    comm_bytes = fsdp_comm_bytes_per_step(model, mesh, micro_batches, sync_replicas=not local)
     flops_per_token = _flops_per_token(cfg)
     peak = peak_flops(torch.cuda.get_device_name()) if device_type == "cuda" else None
     # Without FSDP (one data-parallel rank) there is no mixed-precision policy, so bf16 comes from autocast.
-    use_autocast = device_type == "cuda" and dims.world_size == 1 and compute_dtype != torch.float32
+    use_autocast = device_type == "cuda" and step_world == 1 and compute_dtype != torch.float32
     autocast = torch.autocast("cuda", dtype=compute_dtype) if use_autocast else None
     stop = _StopFlag()
     losses: list[float] = []
     rates: list[float] = []
     eval_accuracy = None
+    heldout = eval_indices(source, cfg)
     preempted = False
     try:
         for step in range(start_step, cfg.train.steps):
@@ -293,8 +392,8 @@ def train(
             batches = loader.batch(step)
             batches = [sharding.shard_batch(mb) for mb in batches]
             local_targets = sum(int((mb.targets_BS != -100).sum()) for mb in batches)
-            # Every rank holds different tokens (dp: other sequences, cp: other parts): sum over the world.
-            (global_targets,) = _all_reduce([float(local_targets)], None, device)
+            # Every rank holds different tokens (dp: other sequences, cp: other parts): sum over the job.
+            (global_targets,) = _all_reduce([float(local_targets)], step_group, device)
             if global_targets == 0:
                 raise ValueError(f"step {step}: the global batch has no target tokens (every target is -100)")
 
@@ -319,9 +418,9 @@ def train(
                     ignore_index=-100,
                     reduction="sum",
                 )
-                seq_share = tokens.shape[0] / global_seqs
-                # FSDP averages gradients over all ranks; scale by the world so their sum is the global mean.
-                objective = (micro_loss / global_targets + out.aux_loss * seq_share) * dims.world_size
+                seq_share = tokens.shape[0] / step_seqs
+                # FSDP averages gradients over the job's ranks; scale by their count so the sum is the mean.
+                objective = (micro_loss / global_targets + out.aux_loss * seq_share) * step_world
                 objective.backward()
                 sums[0] += micro_loss.detach().double()
                 sums[1] += out.aux_loss.detach().double() * seq_share
@@ -332,11 +431,11 @@ def train(
 
             max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
             grad_norm = clip_grad_norm(model.parameters(), max_norm)
-            if dims.world_size > 1:
-                dist.all_reduce(sums)
-                dist.all_reduce(moe_LS)
+            if step_world > 1:
+                dist.all_reduce(sums, group=step_group)
+                dist.all_reduce(moe_LS, group=step_group)
             load_LE, dropped_L = moe_LS[:, :-2], moe_LS[:, -2]
-            entropy_L = moe_LS[:, -1] / (dims.world_size * len(batches))
+            entropy_L = moe_LS[:, -1] / (step_world * len(batches))
             global_loss_sum, global_aux = sums.tolist()
             loss = global_loss_sum / global_targets
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -347,8 +446,15 @@ def train(
                 )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            # Identical on every rank (all-reduced), so load-based balancing (the expert bias) stays in step.
+            # Identical on every rank of the job (all-reduced), so load-based balancing (the expert bias)
+            # stays in step; local-SGD replicas re-join their biases at the outer step.
             model.update_router_balance(load_LE.float())
+            is_last = step + 1 == cfg.train.steps
+            outer_stats, outer_bytes = None, 0
+            if outer is not None and (is_last or (step + 1) % cfg.train.dp.inner_steps == 0):
+                # The last step drains everything in flight, so the run ends on one θ on every replica.
+                outer_stats = outer.finish() if is_last else outer.step()
+                outer_bytes = outer_stats.sent_bytes + average_buffers_over_replicas(model, mesh)
 
             load_fraction_LE = (load_LE / load_LE.sum(dim=1, keepdim=True).clamp_min(1)).cpu()
             max_over_mean_L = load_fraction_LE.max(dim=1).values * load_fraction_LE.shape[1]
@@ -356,7 +462,7 @@ def train(
             rank_load_LR = load_fraction_LE.view(load_LE.shape[0], dims.ep, -1).sum(dim=2)
             rank_max_over_mean = float((rank_load_LR.max(dim=1).values * dims.ep).max())
             # Relative to the token choices T·k of every layer (expert-choice routers choose as many).
-            choices = global_seqs * cfg.train.seq_len * cfg.model.top_k * load_LE.shape[0]
+            choices = step_seqs * cfg.train.seq_len * cfg.model.top_k * load_LE.shape[0]
             dropped_fraction = float(dropped_L.sum()) / choices
             elapsed = time.perf_counter() - started
             step_tokens = global_seqs * cfg.train.seq_len
@@ -373,7 +479,9 @@ def train(
                 "tokens": tokens_seen,
                 "tokens_per_s": rate,
                 "step_time_s": elapsed,
-                "comm_bytes": comm_bytes + sum(moe.dispatcher.sent_bytes for moe in moe_layers) * 2,
+                "comm_bytes": comm_bytes
+                + sum(moe.dispatcher.sent_bytes for moe in moe_layers) * 2
+                + outer_bytes,
                 "mfu": flops_per_token * rate / (peak * dims.world_size) if peak else None,
                 "expert_load": load_fraction_LE.tolist(),
                 "expert_load_max_over_mean": float(max_over_mean_L.max()),
@@ -383,13 +491,14 @@ def train(
                 "dropped_fraction": dropped_fraction,
                 "router_entropy": entropy_L.cpu().tolist(),
             }
-            is_last = step + 1 == cfg.train.steps
-            if source.has_accuracy and (
-                is_last or (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0)
-            ):
-                eval_accuracy = evaluate(model, source, cfg, device, dp_group, dims.dp, dp_rank, sharding)
-                record["eval_accuracy"] = eval_accuracy
-                record["eval_task"] = cfg.data.task
+            if outer_stats is not None:
+                record |= _outer_record(outer_stats)
+            if heldout and (is_last or (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0)):
+                scores = evaluate(model, source, heldout, cfg, device, dp_group, dims.dp, dp_rank)
+                record |= scores
+                eval_accuracy = scores.get("eval_accuracy", eval_accuracy)
+                if source.has_accuracy:
+                    record["eval_task"] = cfg.data.task
             metrics.write(record)
             status = (
                 f"loss {loss:.4f}  lr {record['lr']:.2e}  {rate:,.0f} tok/s  "
@@ -399,6 +508,10 @@ def train(
                 status += f" (ep ranks {rank_max_over_mean:.2f})"
             if dropped_fraction:
                 status += f"  dropped {dropped_fraction:.1%}"
+            if outer_stats is not None:
+                status += f"  outer ×{outer_stats.ratio_vs_bf16:,.0f} vs bf16"
+            if "eval_loss" in record:
+                status += f"  eval loss {record['eval_loss']:.4f}"
             if "eval_accuracy" in record:
                 status += f"  {cfg.data.task} acc {eval_accuracy:.2%}"
             progress.update(step, status)
@@ -408,7 +521,8 @@ def train(
             interval = cfg.checkpoint.interval
             if is_last or stop_now or (interval and (step + 1) % interval == 0):
                 trainer_state = {"step": step + 1, "tokens": tokens_seen, "data": loader.state_dict()}
-                last_checkpoint = checkpointer.save(step + 1, model, optimizer, trainer_state)
+                extra = outer.state_dict() if outer is not None else None
+                last_checkpoint = checkpointer.save(step + 1, model, optimizer, trainer_state, extra)
             if stop_now:
                 preempted = True
                 progress.print(f"stopping: saved {last_checkpoint} after step {step + 1}; rerun to resume")
@@ -429,32 +543,56 @@ def train(
     )
 
 
+def eval_indices(source, cfg: Config) -> list[int]:
+    """The held-out samples evaluation scores: the synthetic task's held-out range, or a packed source's
+    held-out windows (``data.heldout_windows``); at most ``train.eval_samples``. Empty: nothing to evaluate."""
+    if source.has_accuracy:
+        return list(heldout_indices(cfg.train.eval_samples))
+    heldout = source.heldout_indices() if hasattr(source, "heldout_indices") else range(0)
+    return list(heldout)[: cfg.train.eval_samples]
+
+
 @torch.no_grad()
-def evaluate(model, source, cfg: Config, device, dp_group, dp_size: int, dp_rank: int, sharding) -> float:
-    """Held-out accuracy of the synthetic task, split over the data-parallel ranks (all-reduce over dp);
-    context-parallel ranks score the same samples together (inputs sharded, logits gathered over cp).
+def evaluate(
+    model, source, indices: list[int], cfg: Config, device, dp_group, dp_size: int, dp_rank: int
+) -> dict[str, float]:
+    """Held-out loss (mean over target tokens) and, for synthetic tasks, exact-match accuracy of ``indices``,
+    split over the data-parallel ranks (all-reduce over ``dp_group``).
 
     Every rank scores the same number of samples (FSDP's collectives in forward must match across ranks),
-    so the sample list is padded to a multiple of dp_size and the padding is not counted.
+    so the list is padded to a multiple of dp_size by repeating samples, and the padding is not counted.
     """
-    per_rank = math.ceil(cfg.train.eval_samples / dp_size)
-    # Held-out indices lie far beyond anything training reads; slot j of the padded list is counted if j < n.
-    heldout = list(heldout_indices(per_rank * dp_size))
+    count = len(indices)
+    per_rank = math.ceil(count / dp_size)
     slots = range(dp_rank * per_rank, (dp_rank + 1) * per_rank)
-    indices = [heldout[j] for j in slots]
-
-    def model_fn(tokens_BS, positions_BS, doc_ids_BS):
-        out = model(
-            tokens_BS.to(device), positions_BS=positions_BS.to(device), doc_ids_BS=doc_ids_BS.to(device)
-        )
-        return out.logits_BSV
-
+    batch = cfg.train.micro_batch_size
     was_training = model.training
     model.eval()
-    hits = source.sample_correct(model_fn, indices)
+    loss_sum, tokens, correct = 0.0, 0, 0
+    for first in range(0, per_rank, batch):
+        mine = [slot for slot in slots[first : first + batch]]
+        samples = [source[indices[slot % count]] for slot in mine]
+        mb = MicroBatch.stack(samples, torch.tensor([indices[slot % count] for slot in mine]))
+        out = model(
+            mb.tokens_BS.to(device),
+            positions_BS=mb.positions_BS.to(device),
+            doc_ids_BS=mb.doc_ids_BS.to(device),
+        )
+        counted_B = torch.tensor([slot < count for slot in mine])
+        targets_BS = mb.targets_BS.to(device).masked_fill(~counted_B.to(device)[:, None], -100)
+        loss_sum += float(
+            F.cross_entropy(
+                out.logits_BSV.float().flatten(0, 1), targets_BS.flatten(), ignore_index=-100, reduction="sum"
+            )
+        )
+        tokens += int((targets_BS != -100).sum())
+        if source.has_accuracy:
+            hits = answers_correct(out.logits_BSV, mb.targets_BS)
+            correct += sum(hit for hit, counted in zip(hits, counted_B.tolist(), strict=True) if counted)
     model.train(was_training)
-    counted = [hit for slot, hit in zip(slots, hits, strict=True) if slot < cfg.train.eval_samples]
-    if dp_size == 1:
-        return sum(counted) / len(counted)
-    total_correct, total = _all_reduce([float(sum(counted)), float(len(counted))], dp_group, device)
-    return total_correct / total
+    if dp_size > 1:
+        loss_sum, tokens, correct = _all_reduce([loss_sum, float(tokens), float(correct)], dp_group, device)
+    result = {"eval_loss": loss_sum / max(tokens, 1)}
+    if source.has_accuracy:
+        result["eval_accuracy"] = correct / count
+    return result

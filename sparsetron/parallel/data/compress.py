@@ -1,11 +1,17 @@
 """SparseLoCo's compressor: error feedback, chunked top-k, low-bit quantisation with a per-tensor codebook.
 
 Per tensor and outer step: ``e ← β·e + Δ`` (the error buffer, fp32, on the tensor's device); ``e`` is split
-into chunks of ``C`` elements (64×64 tiles for matrices whose sides are multiples of 64, so a chunk is a
-spatial block, else consecutive elements); each chunk keeps its ``k`` largest-magnitude entries; their values
-are quantised to ``bits`` bits against a codebook fitted to this tensor's selected values; and what is sent —
-the dequantised values at the kept positions — is subtracted from ``e``, so the error keeps everything not
-sent, quantisation error included. Everything here is device-side torch; nothing communicates.
+into chunks of ``C`` elements (64×64 tiles when the last two dimensions are multiples of 64, so a chunk is a
+spatial block of one matrix — of one expert for stacked experts — else consecutive elements); each chunk keeps
+its ``k`` largest-magnitude entries; their values are quantised to ``bits`` bits against a codebook fitted to
+this tensor's selected values (or sent as bf16 / fp32 with ``bits`` 16 / 32); and what is sent — the
+dequantised values at the kept positions — is subtracted from ``e``, so the error keeps everything not sent,
+quantisation error included.
+
+The error buffer lives in chunk layout ``[num_chunks, C]``, so a step reads ``Δ`` once (through a strided view
+that does the tiling), runs top-k on contiguous rows, and subtracts what was sent with a scatter over the
+``k`` kept entries: no dense temporaries of the tensor's size. Everything here is device-side torch; nothing
+communicates.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsetron.kernels.chunk_topk import fused_ef_topk, kernel_applies
+
 #: Side of the square tiles 2-D tensors are chunked into when both dimensions allow it (64×64 = 4096).
 TILE = 64
 
@@ -23,8 +31,9 @@ TILE = 64
 class Chunking:
     """How a tensor of ``shape`` maps onto ``[num_chunks, chunk]`` rows (and back).
 
-    ``tiled``: 2-D tensor cut into ``TILE×TILE`` tiles (``chunk == TILE²``); otherwise the flattened tensor is
-    cut into consecutive runs of ``chunk`` elements, the last one zero-padded.
+    ``tiled``: the tensor, seen as a matrix ``[numel / shape[-1], shape[-1]]``, is cut into ``TILE×TILE`` tiles
+    (``chunk == TILE²``); otherwise the flattened tensor is cut into consecutive runs of ``chunk`` elements, the
+    last one zero-padded.
     """
 
     shape: tuple[int, ...]
@@ -44,28 +53,50 @@ def chunking_for(shape: tuple[int, ...], chunk: int) -> Chunking:
     """The chunking of a tensor of ``shape`` for chunks of ``chunk`` elements (tiles when ``chunk == 64²``)."""
     if chunk < 1:
         raise ValueError(f"chunk={chunk} must be ≥ 1 (train.dp.chunk; the reference uses 4096).")
-    tiled = chunk == TILE * TILE and len(shape) == 2 and shape[0] % TILE == 0 and shape[1] % TILE == 0
+    tiled = (
+        chunk == TILE * TILE
+        and len(shape) >= 2
+        and shape[-2] % TILE == 0
+        and shape[-1] % TILE == 0
+        and math.prod(shape) > 0
+    )
     return Chunking(tuple(shape), chunk, tiled)
+
+
+def _tile_view(x: torch.Tensor, chunking: Chunking) -> torch.Tensor:
+    """``x`` (of ``chunking.shape``) as ``[rows/64, cols/64, 64, 64]`` tiles: a strided view, no copy."""
+    cols = chunking.shape[-1]
+    rows = chunking.numel // cols
+    return x.reshape(rows // TILE, TILE, cols // TILE, TILE).permute(0, 2, 1, 3)
 
 
 def to_chunks(x: torch.Tensor, chunking: Chunking) -> torch.Tensor:
     """``x`` as ``[num_chunks, chunk]`` (a copy; zero padding at the end when not tiled)."""
     if chunking.tiled:
-        rows, cols = chunking.shape
-        return (
-            x.reshape(rows // TILE, TILE, cols // TILE, TILE).permute(0, 2, 1, 3).reshape(-1, chunking.chunk)
-        )
+        return _tile_view(x, chunking).reshape(-1, chunking.chunk)
     flat = x.reshape(-1)
     padded = flat.new_zeros(chunking.num_chunks * chunking.chunk)
     padded[: flat.numel()] = flat
     return padded.view(-1, chunking.chunk)
 
 
+def add_chunked_(x_NC: torch.Tensor, y: torch.Tensor, chunking: Chunking) -> torch.Tensor:
+    """``x_NC += y`` where ``y`` has ``chunking.shape`` (any float dtype): reads ``y`` once, in place."""
+    if chunking.tiled:
+        cols = chunking.shape[-1]
+        x_NC.view(chunking.numel // cols // TILE, cols // TILE, TILE, TILE).add_(_tile_view(y, chunking))
+    else:
+        x_NC.view(-1)[: chunking.numel].add_(y.reshape(-1))
+    return x_NC
+
+
 def from_chunks(x_NC: torch.Tensor, chunking: Chunking) -> torch.Tensor:
     """Inverse of :func:`to_chunks`: a tensor of ``chunking.shape``."""
     if chunking.tiled:
-        rows, cols = chunking.shape
-        return x_NC.reshape(rows // TILE, cols // TILE, TILE, TILE).permute(0, 2, 1, 3).reshape(rows, cols)
+        cols = chunking.shape[-1]
+        rows = chunking.numel // cols
+        tiles = x_NC.reshape(rows // TILE, cols // TILE, TILE, TILE).permute(0, 2, 1, 3)
+        return tiles.reshape(chunking.shape)
     return x_NC.reshape(-1)[: chunking.numel].reshape(chunking.shape)
 
 
@@ -83,32 +114,27 @@ def topk_per_chunk(x_NC: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 def fit_codebook(values: torch.Tensor, bits: int) -> torch.Tensor:
     """fp32 ``[2**bits]`` levels for ``values``: sign × one magnitude per magnitude bin.
 
-    Code ``c`` = ``sign_bit << (bits − 1) | bin``: the magnitudes are split into ``2**(bits−1)`` equally
-    populated bins (quantiles of |v|) and each bin's level is the mean magnitude of its members, so the
-    codebook minimises the squared error for that binning (one Lloyd step from quantile bins).
+    Code ``c`` = ``sign_bit << (bits − 1) | bin``: the sorted magnitudes are cut into ``2**(bits−1)`` equally
+    populated segments (bins by quantile) and each bin's level is the mean magnitude of its segment, so the
+    codebook minimises the squared error for that binning (one Lloyd step from quantile bins). Segment sums
+    come from one cumulative sum over the sorted magnitudes: no atomics (a scatter-add into 2 bins from
+    millions of values serialises on the GPU).
     """
     if not 1 <= bits <= 8:
         raise ValueError(f"bits={bits} must be between 1 and 8 (train.dp.bits; the reference uses 2).")
     magnitude = values.detach().abs().float().reshape(-1)
     bins = 1 << (bits - 1)
-    edges = _bin_edges(magnitude, bins)
-    bin_of = torch.bucketize(magnitude, edges)
-    sums = torch.zeros(bins, dtype=torch.float32, device=values.device).index_add_(0, bin_of, magnitude)
-    counts = torch.zeros(bins, dtype=torch.float32, device=values.device).index_add_(
-        0, bin_of, torch.ones_like(magnitude)
-    )
-    levels = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))
-    return torch.cat([levels, -levels])
-
-
-def _bin_edges(magnitude: torch.Tensor, bins: int) -> torch.Tensor:
-    """Edges between equally populated bins: midpoints between the sorted magnitudes at each split."""
     count = magnitude.numel()
-    if bins == 1 or count < 2:
-        return magnitude.new_zeros(0)
-    ordered = magnitude.sort().values
-    splits = (torch.arange(1, bins, device=magnitude.device) * count // bins).clamp(1, count - 1)
-    return (ordered[splits - 1] + ordered[splits]) / 2
+    if count == 0:
+        return magnitude.new_zeros(2 * bins)
+    cumulative = torch.cat([magnitude.new_zeros(1), magnitude.sort().values.double().cumsum(0)])
+    bounds = [i * count // bins for i in range(bins + 1)]
+    sizes = torch.tensor([bounds[i + 1] - bounds[i] for i in range(bins)], device=values.device)
+    sums = cumulative[bounds[1:]] - cumulative[bounds[:-1]]
+    levels = torch.where(sizes > 0, sums / sizes.clamp_min(1), torch.zeros_like(sums)).float()
+    # An empty bin (fewer values than bins) takes its lower neighbour's level so levels stay ascending.
+    levels = torch.cummax(levels, dim=0).values
+    return torch.cat([levels, -levels])
 
 
 def quantize(values: torch.Tensor, codebook: torch.Tensor, bits: int) -> torch.Tensor:
@@ -127,9 +153,26 @@ def dequantize(codes: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return codebook[codes.long()]
 
 
+#: ``bits`` that send the selected values themselves: their dtype on the wire.
+RAW_VALUE_DTYPES = {16: torch.bfloat16, 32: torch.float32}
+
+
+def check_bits(bits: int) -> None:
+    """Raise if ``bits`` is neither a code width (1–8) nor a raw value width (16, 32)."""
+    if not (isinstance(bits, int) and (1 <= bits <= 8 or bits in RAW_VALUE_DTYPES)):
+        raise ValueError(
+            f"bits={bits!r} must be 1–8 (quantised against a per-tensor codebook; the reference uses 2) or "
+            "16 / 32 (values sent as bf16 / fp32) (train.dp.bits)."
+        )
+
+
 @dataclass
 class CompressedChunks:
-    """What one tensor sends: per chunk the kept in-chunk indices and their codes, plus the codebook."""
+    """What one tensor sends: per chunk the kept in-chunk indices and their codes, plus the codebook.
+
+    ``codes_NK`` are uint8 codes into ``codebook`` for ``bits`` ≤ 8, or the values themselves (bf16 / fp32,
+    empty codebook) for ``bits`` 16 / 32.
+    """
 
     chunking: Chunking
     indices_NK: torch.Tensor
@@ -137,53 +180,87 @@ class CompressedChunks:
     codebook: torch.Tensor
     bits: int
 
-    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The transmitted tensor, dense, of ``chunking.shape`` (zeros where nothing was sent)."""
+    def values_NK(self) -> torch.Tensor:
+        """fp32 ``[num_chunks, k]``: the values the receivers reconstruct."""
+        if self.bits in RAW_VALUE_DTYPES:
+            return self.codes_NK.float()
+        return dequantize(self.codes_NK, self.codebook)
+
+    def dense_chunks(self) -> torch.Tensor:
+        """The transmitted tensor in chunk layout, fp32 ``[num_chunks, chunk]`` (zeros where nothing was sent)."""
         rows = torch.zeros(
             self.chunking.num_chunks, self.chunking.chunk, dtype=torch.float32, device=self.codes_NK.device
         )
-        rows.scatter_(1, self.indices_NK, dequantize(self.codes_NK, self.codebook))
-        return from_chunks(rows, self.chunking).to(dtype)
+        return rows.scatter_(1, self.indices_NK, self.values_NK())
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The transmitted tensor, dense, of ``chunking.shape`` (zeros where nothing was sent)."""
+        return from_chunks(self.dense_chunks(), self.chunking).to(dtype)
 
 
 class ErrorFeedback:
     """Per-tensor error buffers and the compression step of SparseLoCo (one instance per replica).
 
     ``compress(name, delta)`` folds ``delta`` into the error (``e ← decay·e + delta``), selects and quantises,
-    subtracts what is sent from ``e`` and returns it. Buffers are fp32 on ``delta``'s device, created on first
-    use; :meth:`state_dict` / :meth:`load_state_dict` checkpoint them.
+    subtracts what is sent from ``e`` and returns it. Buffers are fp32 in chunk layout on ``delta``'s device,
+    created on first use; :meth:`state_dict` / :meth:`load_state_dict` give and take them in the tensors'
+    own shapes.
     """
 
     def __init__(self, *, chunk: int = 4096, topk: int = 64, bits: int = 2, decay: float = 0.95) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"error decay β={decay} must be within [0, 1] (train.dp.error_decay).")
+        check_bits(bits)
+        chunking_for((1,), chunk)  # validates chunk
         self.chunk, self.topk, self.bits, self.decay = chunk, topk, bits, decay
-        self.errors: dict[str, torch.Tensor] = {}
+        self.errors: dict[str, tuple[Chunking, torch.Tensor]] = {}
+
+    def buffer(self, name: str, delta: torch.Tensor) -> tuple[Chunking, torch.Tensor]:
+        """``(chunking, error_NC)`` of tensor ``name``, created (zeros) for ``delta``'s shape and device."""
+        found = self.errors.get(name)
+        chunking = chunking_for(tuple(delta.shape), self.chunk)
+        if found is None:
+            error_NC = torch.zeros(
+                chunking.num_chunks, chunking.chunk, dtype=torch.float32, device=delta.device
+            )
+            found = self.errors[name] = (chunking, error_NC)
+        elif found[0] != chunking:
+            raise ValueError(
+                f"tensor {name!r}: delta of shape {tuple(delta.shape)} but its error buffer has shape "
+                f"{found[0].shape}; the model changed since the buffers were made (reset them)."
+            )
+        return found
 
     @torch.no_grad()
     def compress(self, name: str, delta: torch.Tensor) -> CompressedChunks:
         """Compress ``delta`` (any float dtype, any shape) for tensor ``name``; updates its error buffer."""
-        error = self.errors.get(name)
-        if error is None:
-            error = self.errors[name] = torch.zeros(delta.shape, dtype=torch.float32, device=delta.device)
-        elif error.shape != delta.shape:
-            raise ValueError(
-                f"tensor {name!r}: delta of shape {tuple(delta.shape)} but its error buffer has shape "
-                f"{tuple(error.shape)}; the model changed since the buffers were made (reset them)."
-            )
-        error.mul_(self.decay).add_(delta.float())
-        chunking = chunking_for(tuple(delta.shape), self.chunk)
-        error_NC = to_chunks(error, chunking)
+        chunking, error_NC = self.buffer(name, delta)
         k = min(self.topk, chunking.chunk)
-        indices_NK, values_NK = topk_per_chunk(error_NC, k)
-        codebook = fit_codebook(values_NK, self.bits)
-        codes_NK = quantize(values_NK, codebook, self.bits)
+        if kernel_applies(error_NC):  # one fused pass on the GPU
+            indices_NK, values_NK = fused_ef_topk(error_NC, delta, self.decay, k, chunking.tiled)
+        else:
+            add_chunked_(error_NC.mul_(self.decay), delta, chunking)
+            indices_NK, values_NK = topk_per_chunk(error_NC, k)
+        if self.bits in RAW_VALUE_DTYPES:
+            codebook = torch.zeros(0, dtype=torch.float32, device=delta.device)
+            codes_NK = values_NK.to(RAW_VALUE_DTYPES[self.bits])
+        else:
+            codebook = fit_codebook(values_NK, self.bits)
+            codes_NK = quantize(values_NK, codebook, self.bits)
         sent = CompressedChunks(chunking, indices_NK, codes_NK, codebook, self.bits)
-        error.sub_(sent.dense())
+        error_NC.scatter_add_(1, indices_NK, -sent.values_NK())
         return sent
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.errors)
+        """Error buffers by tensor name, each in its tensor's shape (fp32)."""
+        return {name: from_chunks(error_NC, chunking) for name, (chunking, error_NC) in self.errors.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.errors = {name: tensor.float().clone() for name, tensor in state.items()}
+        """Replace the buffers with ``state`` (tensor-shaped, as :meth:`state_dict` gives them)."""
+        self.errors = {}
+        for name, tensor in state.items():
+            chunking = chunking_for(tuple(tensor.shape), self.chunk)
+            error_NC = torch.zeros(
+                chunking.num_chunks, chunking.chunk, dtype=torch.float32, device=tensor.device
+            )
+            self.errors[name] = (chunking, add_chunked_(error_NC, tensor.float(), chunking))

@@ -31,26 +31,35 @@ def apply_activation_checkpointing(layers: nn.ModuleList) -> None:
 
 
 def apply_data_parallel(
-    model: nn.Module, mesh: ParallelMesh, *, param_dtype: torch.dtype | None = None
+    model: nn.Module,
+    mesh: ParallelMesh,
+    *,
+    param_dtype: torch.dtype | None = None,
+    sync_replicas: bool = True,
 ) -> bool:
-    """Shard ``model`` with FSDP2 over ``dp_shard × cp``, replicated over ``dp_replicate``; False on one rank.
+    """Shard ``model`` with FSDP2 over ``dp_shard × cp``, replicated over ``dp_replicate``; False if unsharded.
 
     Context-parallel ranks hold the same weights and their gradients must be summed, so they join the shard
     axis (as torchtitan does). With ``ep > 1`` the routed experts (sharded over ``ep`` beforehand by
     :meth:`Transformer.enable_expert_parallel`) are sharded over ``edp`` (× ``dp_replicate``) instead. Communicates (during forward/backward) over ``dp_shard_cp`` (all-gather,
     reduce-scatter) and ``dp_replicate`` (gradient all-reduce). ``param_dtype`` (e.g. bf16 on GPU) casts
     parameters for compute while gradients are reduced in fp32. Gradients are averaged over all ranks.
+
+    ``sync_replicas=False`` (DiLoCo / SparseLoCo): each replica is its own FSDP job over ``dp_shard × cp``;
+    nothing crosses ``dp_replicate`` in forward/backward (the outer step does that), and gradients are
+    averaged over the replica's ranks. A replica of one rank is left unsharded.
     """
     dims = mesh.dims
-    if dims.world_size == 1:
+    across = sync_replicas and dims.dp_replicate > 1
+    if dims.world_size // (1 if sync_replicas else dims.dp_replicate) == 1:
         return False
     fully_shard, MixedPrecisionPolicy = _fsdp_api()
-    dp_mesh = mesh.fsdp if dims.dp_replicate > 1 else mesh.flat["dp_shard_cp"]
+    dp_mesh = mesh.fsdp if across else mesh.flat["dp_shard_cp"]
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     if dims.ep > 1:
         # Routed experts (already DTensors sharded over ep) get their own FSDP unit over the expert-data-
         # parallel ranks; the enclosing layer's unit then skips their parameters.
-        expert_mesh = mesh.expert["dp_replicate", "edp"] if dims.dp_replicate > 1 else mesh.expert["edp"]
+        expert_mesh = mesh.expert["dp_replicate", "edp"] if across else mesh.expert["edp"]
         for moe in model.moe_layers():
             fully_shard(moe.experts, mesh=expert_mesh, mp_policy=policy)
     for layer in model.layers:
@@ -59,16 +68,19 @@ def apply_data_parallel(
     return True
 
 
-def fsdp_comm_bytes_per_step(model: nn.Module, mesh: ParallelMesh, micro_batches: int) -> int:
+def fsdp_comm_bytes_per_step(
+    model: nn.Module, mesh: ParallelMesh, micro_batches: int, *, sync_replicas: bool = True
+) -> int:
     """Bytes this rank sends per optimizer step for FSDP2/HSDP traffic, from the collective sizes.
 
     Per micro-batch each shard is all-gathered twice (forward, and again in backward after resharding):
     a ring all-gather of a tensor of N elements over W ranks sends N·(W−1)/W per rank. Gradients are
     reduce-scattered once per step (gradient sync is off for all but the last micro-batch), also
-    N·(W−1)/W, and with replicas all-reduced across them: 2·(N/W)·(R−1)/R.
+    N·(W−1)/W, and with replicas all-reduced across them: 2·(N/W)·(R−1)/R (not with ``sync_replicas=False``,
+    where the outer step accounts for what crosses replicas).
     """
     dims = mesh.dims
-    if dims.world_size == 1:
+    if dims.world_size // (1 if sync_replicas else dims.dp_replicate) == 1:
         return 0
     expert_params = set()
     if dims.ep > 1:
@@ -78,7 +90,7 @@ def fsdp_comm_bytes_per_step(model: nn.Module, mesh: ParallelMesh, micro_batches
         # Routed experts with ep > 1: each rank's E/ep experts are sharded over edp only.
         is_expert = id(param) in expert_params
         w = dims.edp if is_expert else dims.dp_shard * dims.cp
-        r = dims.dp_replicate
+        r = dims.dp_replicate if sync_replicas else 1
         numel = param.numel() // (dims.ep if is_expert else 1)  # global count, also for DTensor parameters
         nbytes = numel * param.element_size()
         shard_share = nbytes * (w - 1) / w

@@ -13,8 +13,10 @@ Layout (all integers little-endian)::
 Indices are coded either as ``index_bits(C)`` bits each (``"packed12"``: 12 bits for C = 4096) or, per row,
 as gaps (first index, then differences − 1) Golomb-Rice coded (``"rice"``). Rice codewords are split into two
 streams, the fixed-width remainders followed by the unary quotients, so both directions vectorise: the
-quotients are the distances between the zero bits of the unary stream. Codes are packed ``bits`` per code.
-Bit streams are LSB-first within each byte.
+quotients are the distances between the zero bits of the unary stream. Codes are packed ``bits`` per code
+(1–8, against the item's fp32 codebook); ``bits`` 16 or 32 send the selected values themselves (bf16 or fp32
+little-endian, no codebook). Bit streams are LSB-first within each byte (:mod:`.bitpack`, which packs on the
+tensors' device, so a GPU payload crosses to the host already packed).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from sparsetron.parallel.data.bitpack import pack_bits, packed_len, unpack_bits
 
 MAGIC = b"STSL"
 VERSION = 1
@@ -47,6 +51,8 @@ _DENSE_DTYPES = {
     2: (torch.float16, torch.int16, "<i2"),
     3: (torch.float64, torch.int64, "<i8"),
 }
+#: ``bits`` values that send the selected values themselves instead of codes: (dtype, same-width int, numpy).
+RAW_VALUE_DTYPES = {16: (torch.bfloat16, torch.int16, "<i2"), 32: (torch.float32, torch.int32, "<i4")}
 _DENSE_DTYPE_IDS = {torch_dtype: dtype_id for dtype_id, (torch_dtype, _, _) in _DENSE_DTYPES.items()}
 
 
@@ -56,7 +62,11 @@ class WireFormatError(ValueError):
 
 @dataclass
 class CompressedTensor:
-    """One tensor's top-k chunk data: ``indices_NK`` in-chunk positions, ``codes_NK`` into ``codebook``."""
+    """One tensor's top-k chunk data: ``indices_NK`` in-chunk positions, ``codes_NK`` into ``codebook``.
+
+    With ``bits`` 16 or 32, ``codes_NK`` holds the selected values themselves (bf16 / fp32) and ``codebook``
+    is an empty float32 tensor.
+    """
 
     name: str
     shape: tuple[int, ...]
@@ -106,26 +116,16 @@ def index_bits(chunk: int) -> int:
     return (chunk - 1).bit_length()
 
 
-def _pack_uint(values_M: np.ndarray, width: int) -> bytes:
-    """Pack non-negative integers ``values_M`` [M] (each < 2**width) into ``width`` bits each, LSB-first."""
-    if width == 0 or values_M.size == 0:
-        return b""
-    shifts_W = np.arange(width, dtype=np.uint64)
-    bits_MW = ((values_M.astype(np.uint64)[:, None] >> shifts_W) & np.uint64(1)).astype(np.uint8)
-    return np.packbits(bits_MW.reshape(-1), bitorder="little").tobytes()
+def _pack(values: np.ndarray | torch.Tensor, width: int) -> bytes:
+    """``values`` (non-negative ints) packed ``width`` bits each, LSB-first, as host bytes."""
+    tensor = torch.from_numpy(np.ascontiguousarray(values)) if isinstance(values, np.ndarray) else values
+    return pack_bits(tensor, width).cpu().numpy().tobytes()
 
 
-def _unpack_uint(buf: bytes, count: int, width: int) -> np.ndarray:
-    """Inverse of :func:`_pack_uint`: int64 [count] from ``buf`` (which holds ≥ count·width bits)."""
-    if width == 0:
-        return np.zeros(count, dtype=np.int64)
-    bits_MW = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), count=count * width, bitorder="little")
-    return (bits_MW.reshape(count, width).astype(np.int64) << np.arange(width, dtype=np.int64)).sum(axis=1)
-
-
-def _packed_len(count: int, width: int) -> int:
-    """Bytes taken by ``count`` values of ``width`` bits."""
-    return (count * width + 7) // 8
+def _unpack(buf: bytes, count: int, width: int) -> np.ndarray:
+    """Inverse of :func:`_pack`: int64 [count] from ``buf`` (which holds ≥ count·width bits)."""
+    packed = torch.frombuffer(bytearray(buf), dtype=torch.uint8) if buf else torch.zeros(0, dtype=torch.uint8)
+    return unpack_bits(packed, count, width).numpy()
 
 
 def _rice_param(gaps_M: np.ndarray, max_param: int) -> int:
@@ -137,7 +137,7 @@ def _rice_param(gaps_M: np.ndarray, max_param: int) -> int:
 
 def _rice_encode(gaps_M: np.ndarray, param: int) -> bytes:
     """Golomb-Rice code ``gaps_M`` int64 [M] ≥ 0: fixed-width remainders, then the unary quotients."""
-    remainders = _pack_uint(gaps_M & ((1 << param) - 1), param)
+    remainders = _pack(gaps_M & ((1 << param) - 1), param)
     quotients_M = gaps_M >> param
     ends_M = np.cumsum(quotients_M + 1) - 1  # position of each codeword's terminating zero
     unary_bits = np.ones(int(ends_M[-1]) + 1, dtype=np.uint8)
@@ -147,10 +147,10 @@ def _rice_encode(gaps_M: np.ndarray, param: int) -> bytes:
 
 def _rice_decode(buf: bytes, count: int, param: int, name: str) -> np.ndarray:
     """Inverse of :func:`_rice_encode`: int64 [count] gaps; rejects missing or extra unary bits."""
-    remainder_len = _packed_len(count, param)
+    remainder_len = packed_len(count, param)
     if len(buf) < remainder_len:
         raise WireFormatError(f"item {name!r}: rice section has {len(buf)} bytes, needs ≥ {remainder_len}")
-    remainders_M = _unpack_uint(buf[:remainder_len], count, param)
+    remainders_M = _unpack(buf[:remainder_len], count, param)
     unary_bits = np.unpackbits(np.frombuffer(buf[remainder_len:], dtype=np.uint8), bitorder="little")
     ends = np.flatnonzero(unary_bits == 0)
     if ends.size < count:
@@ -179,13 +179,19 @@ def _check_name(name: object, error: type[ValueError]) -> bytes:
 
 
 def _check_compressed(item: CompressedTensor, error: type[ValueError]) -> None:
-    """Raise ``error`` naming the field, rule and fix if ``item`` is not a valid compressed tensor."""
+    """Raise ``error`` naming the field, rule and fix if ``item`` is not a valid compressed tensor.
+
+    Checks run where the tensors live (a handful of scalar reads), so a GPU payload is not copied to validate.
+    """
     name = item.name
     _check_name(name, error)
     if len(item.shape) > 255 or any(not isinstance(d, int) or d < 0 for d in item.shape):
         raise error(f"item {name!r}: shape={item.shape} must be ≤ 255 non-negative ints; pass tensor.shape")
-    if not isinstance(item.bits, int) or not 1 <= item.bits <= 8:
-        raise error(f"item {name!r}: bits={item.bits!r} must be an int in [1, 8]; use e.g. bits=2")
+    if not isinstance(item.bits, int) or not (1 <= item.bits <= 8 or item.bits in RAW_VALUE_DTYPES):
+        raise error(
+            f"item {name!r}: bits={item.bits!r} must be an int in [1, 8] (codes) or 16/32 (raw bf16/fp32 "
+            "values); use e.g. bits=2"
+        )
     if not isinstance(item.chunk, int) or not 1 <= item.chunk <= MAX_CHUNK:
         raise error(f"item {name!r}: chunk={item.chunk!r} must be an int in [1, {MAX_CHUNK}]; use e.g. 4096")
     indices_NK, codes_NK = item.indices_NK, item.codes_NK
@@ -195,20 +201,23 @@ def _check_compressed(item: CompressedTensor, error: type[ValueError]) -> None:
             "int16/int32/int64 tensor [num_chunks, k]; reshape/cast it"
         )
     num_chunks, k = indices_NK.shape
-    if codes_NK.dtype != torch.uint8 or tuple(codes_NK.shape) != (num_chunks, k):
+    raw = item.bits in RAW_VALUE_DTYPES
+    code_dtype = RAW_VALUE_DTYPES[item.bits][0] if raw else torch.uint8
+    if codes_NK.dtype != code_dtype or tuple(codes_NK.shape) != (num_chunks, k):
         raise error(
-            f"item {name!r}: codes_NK is {codes_NK.dtype} {tuple(codes_NK.shape)}, must be uint8 "
-            f"{(num_chunks, k)} like indices_NK; cast/reshape it"
+            f"item {name!r}: codes_NK is {codes_NK.dtype} {tuple(codes_NK.shape)}, must be {code_dtype} "
+            f"{(num_chunks, k)} like indices_NK for bits={item.bits}; cast/reshape it"
         )
     if num_chunks < 1 or not 1 <= k <= item.chunk:
         raise error(
             f"item {name!r}: num_chunks={num_chunks}, k={k} must satisfy num_chunks ≥ 1 and 1 ≤ k ≤ chunk="
             f"{item.chunk}; send empty tensors dense"
         )
-    if item.codebook.dtype != torch.float32 or tuple(item.codebook.shape) != (1 << item.bits,):
+    levels = 0 if raw else 1 << item.bits
+    if item.codebook.dtype != torch.float32 or tuple(item.codebook.shape) != (levels,):
         raise error(
             f"item {name!r}: codebook is {item.codebook.dtype} {tuple(item.codebook.shape)}, must be float32 "
-            f"[{1 << item.bits}] for bits={item.bits}; pass one fp32 level per code"
+            f"[{levels}] for bits={item.bits}; pass one fp32 level per code (none for raw values)"
         )
     numel = int(np.prod(item.shape, dtype=object))
     if numel > num_chunks * item.chunk:
@@ -216,8 +225,7 @@ def _check_compressed(item: CompressedTensor, error: type[ValueError]) -> None:
             f"item {name!r}: shape={item.shape} has {numel} elements > num_chunks·chunk = {num_chunks}·"
             f"{item.chunk}; send ceil(numel / chunk) rows"
         )
-    indices_NK = indices_NK.detach().cpu().to(torch.int64)
-    low, high = int(indices_NK.min()), int(indices_NK.max())
+    low, high = (int(v) for v in torch.aminmax(indices_NK.detach()))
     if low < 0 or high >= item.chunk:
         raise error(
             f"item {name!r}: indices span [{low}, {high}], must lie in [0, chunk={item.chunk}); "
@@ -227,9 +235,10 @@ def _check_compressed(item: CompressedTensor, error: type[ValueError]) -> None:
         raise error(
             f"item {name!r}: indices must be strictly increasing per row; sort each row, drop duplicates"
         )
-    max_code = int(codes_NK.max())
-    if max_code >= 1 << item.bits:
-        raise error(f"item {name!r}: code {max_code} ≥ 2**bits = {1 << item.bits}; raise bits or clamp codes")
+    if not raw:
+        max_code = int(codes_NK.max())
+        if max_code >= levels:
+            raise error(f"item {name!r}: code {max_code} ≥ 2**bits = {levels}; raise bits or clamp codes")
 
 
 def _check_dense(item: DenseTensor, error: type[ValueError]) -> None:
@@ -251,18 +260,23 @@ def _shape_bytes(shape: tuple[int, ...]) -> bytes:
 
 
 def _encode_compressed(item: CompressedTensor, coding: str) -> tuple[bytes, bytes]:
-    """(record, body) for a validated compressed item."""
-    indices_NK = item.indices_NK.detach().cpu().to(torch.int64).numpy()
-    num_chunks, k = indices_NK.shape
+    """(record, body) for a validated compressed item; packed12 indices and codes are packed on its device."""
+    num_chunks, k = item.indices_NK.shape
     width = index_bits(item.chunk)
     rice_param = 0
     if coding == "rice":
+        indices_NK = item.indices_NK.detach().cpu().to(torch.int64).numpy()
         gaps_M = (np.diff(indices_NK, axis=1, prepend=-1) - 1).reshape(-1)
         rice_param = _rice_param(gaps_M, width)
         index_section = _rice_encode(gaps_M, rice_param)
     else:
-        index_section = _pack_uint(indices_NK.reshape(-1), width)
-    code_section = _pack_uint(item.codes_NK.detach().cpu().numpy().reshape(-1), item.bits)
+        index_section = _pack(item.indices_NK.detach().reshape(-1), width)
+    if item.bits in RAW_VALUE_DTYPES:
+        _, int_dtype, np_dtype = RAW_VALUE_DTYPES[item.bits]
+        ints = item.codes_NK.detach().contiguous().view(int_dtype).cpu().numpy()
+        code_section = ints.astype(np_dtype).tobytes()
+    else:
+        code_section = _pack(item.codes_NK.detach().reshape(-1), item.bits)
     codebook_section = item.codebook.detach().cpu().numpy().astype("<f4").tobytes()
     body = index_section + code_section + codebook_section
     record = _RECORD.pack(
@@ -388,13 +402,14 @@ def _read_record(reader: _Reader) -> _Record:
 def _decode_compressed(record: _Record, body: bytes, coding: str) -> CompressedTensor:
     """Rebuild and validate a compressed item from its record and CRC-checked body."""
     name, bits, chunk = record.name, record.bits_or_dtype, record.chunk
-    if not 1 <= bits <= 8 or not 1 <= chunk <= MAX_CHUNK or record.k < 1 or record.num_chunks < 1:
+    raw = bits in RAW_VALUE_DTYPES
+    if not (1 <= bits <= 8 or raw) or not 1 <= chunk <= MAX_CHUNK or record.k < 1 or record.num_chunks < 1:
         raise WireFormatError(
             f"item {name!r}: bits={bits}, chunk={chunk}, k={record.k}, num_chunks={record.num_chunks} out of "
             "range; payload is corrupt"
         )
     count, width = record.num_chunks * record.k, index_bits(chunk)
-    expected = (_packed_len(count, bits), 4 << bits)
+    expected = (count * bits // 8, 0) if raw else (packed_len(count, bits), 4 << bits)
     if (record.code_bytes, record.codebook_bytes) != expected or record.dense_bytes != 0:
         raise WireFormatError(f"item {name!r}: section lengths disagree with k, num_chunks, bits; corrupt")
     index_section = body[: record.index_bytes]
@@ -404,20 +419,25 @@ def _decode_compressed(record: _Record, body: bytes, coding: str) -> CompressedT
         gaps_M = _rice_decode(index_section, count, record.rice_param, name)
         indices_NK = np.cumsum(gaps_M.reshape(record.num_chunks, record.k) + 1, axis=1) - 1
     else:
-        if record.index_bytes != _packed_len(count, width):
+        if record.index_bytes != packed_len(count, width):
             raise WireFormatError(
                 f"item {name!r}: index section length disagrees with k, num_chunks; corrupt"
             )
-        indices_NK = _unpack_uint(index_section, count, width).reshape(record.num_chunks, record.k)
-    codes_start = record.index_bytes
-    codes_M = _unpack_uint(body[codes_start : codes_start + record.code_bytes], count, bits)
-    codebook = np.frombuffer(body[codes_start + record.code_bytes :], dtype="<f4").astype(np.float32)
+        indices_NK = _unpack(index_section, count, width).reshape(record.num_chunks, record.k)
+    code_section = body[record.index_bytes : record.index_bytes + record.code_bytes]
+    if raw:
+        torch_dtype, _, np_dtype = RAW_VALUE_DTYPES[bits]
+        ints = np.frombuffer(code_section, dtype=np_dtype).astype(np_dtype[1:])
+        codes_NK = torch.from_numpy(ints.copy()).view(torch_dtype)
+    else:
+        codes_NK = torch.from_numpy(_unpack(code_section, count, bits).astype(np.uint8))
+    codebook = np.frombuffer(body[record.index_bytes + record.code_bytes :], dtype="<f4").astype(np.float32)
     item = CompressedTensor(
         name=name,
         shape=record.shape,
         chunk=chunk,
         indices_NK=torch.from_numpy(np.ascontiguousarray(indices_NK, dtype=np.int64)),
-        codes_NK=torch.from_numpy(codes_M.astype(np.uint8).reshape(record.num_chunks, record.k)),
+        codes_NK=codes_NK.reshape(record.num_chunks, record.k),
         codebook=torch.from_numpy(codebook.copy()),
         bits=bits,
     )
