@@ -96,8 +96,8 @@ def main() -> None:
     for name, r in results.items():
         upload = r["payload_bytes"] if name != "ddp" else ddp_fp32_payload
         vs = f"{(r['eval_loss'] / base - 1):+.2%}" if base else "-"
-        x_diloco = f"{diloco_bf16_payload / upload:,.0f}" if diloco_bf16_payload and upload else "-"
-        x_ddp = f"{ddp_fp32_payload / upload:,.0f}" if ddp_fp32_payload and upload else "-"
+        x_diloco = f"{diloco_bf16_payload / upload:,.3g}" if diloco_bf16_payload and upload else "-"
+        x_ddp = f"{ddp_fp32_payload / upload:,.4g}" if ddp_fp32_payload and upload else "-"
         print(
             f"| {name} | {r['eval_loss']:.4f} | {vs} | {r['comm_bytes'] / 2**20:,.1f} MiB | "
             f"{upload / 2**20:,.2f} MiB | {x_diloco} | {x_ddp} | {r['wall_s']:.0f} |"

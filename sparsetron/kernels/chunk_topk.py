@@ -55,7 +55,7 @@ def fused_ef_topk(
         _ef_topk_kernel[(rows,)](
             error_NC, delta, indices_NK, values_NK, float(decay), delta.numel(), cols,
             max(cols // TILE, 1), CHUNK=chunk, K=k, TILED=tiled, TILE_SIDE=TILE,
-            num_warps=8 if chunk >= 2048 else 4,
+            num_warps=4,  # measured on H200 at C=4096: 4 warps 11.9 ms per 1B elements, 8: 19.8, 2: 22.4
         )  # fmt: skip
     return indices_NK, values_NK
 

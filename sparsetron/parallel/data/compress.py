@@ -118,29 +118,40 @@ def fit_codebook(values: torch.Tensor, bits: int) -> torch.Tensor:
     populated segments (bins by quantile) and each bin's level is the mean magnitude of its segment, so the
     codebook minimises the squared error for that binning (one Lloyd step from quantile bins). Segment sums
     come from one cumulative sum over the sorted magnitudes: no atomics (a scatter-add into 2 bins from
-    millions of values serialises on the GPU).
+    millions of values serialises on the GPU). :func:`fit_codebooks` fits many tensors' codebooks at once.
     """
+    return fit_codebooks(values.reshape(1, -1), bits)[0]
+
+
+def fit_codebooks(values_TM: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp32 ``[T, 2**bits]``: :func:`fit_codebook` of every row of ``values_TM`` (one sort for all rows)."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits={bits} must be between 1 and 8 (train.dp.bits; the reference uses 2).")
-    magnitude = values.detach().abs().float().reshape(-1)
+    magnitude_TM = values_TM.detach().abs().float()
+    rows, count = magnitude_TM.shape
     bins = 1 << (bits - 1)
-    count = magnitude.numel()
     if count == 0:
-        return magnitude.new_zeros(2 * bins)
-    cumulative = torch.cat([magnitude.new_zeros(1), magnitude.sort().values.double().cumsum(0)])
+        return magnitude_TM.new_zeros(rows, 2 * bins)
+    ordered = magnitude_TM.sort(dim=1).values.double().cumsum(dim=1)
+    cumulative_TM = torch.cat([ordered.new_zeros(rows, 1), ordered], dim=1)
     bounds = [i * count // bins for i in range(bins + 1)]
-    sizes = torch.tensor([bounds[i + 1] - bounds[i] for i in range(bins)], device=values.device)
-    sums = cumulative[bounds[1:]] - cumulative[bounds[:-1]]
-    levels = torch.where(sizes > 0, sums / sizes.clamp_min(1), torch.zeros_like(sums)).float()
-    # An empty bin (fewer values than bins) takes its lower neighbour's level so levels stay ascending.
-    levels = torch.cummax(levels, dim=0).values
-    return torch.cat([levels, -levels])
+    sums_TB = cumulative_TM[:, bounds[1:]] - cumulative_TM[:, bounds[:-1]]
+    sizes = [max(bounds[i + 1] - bounds[i], 1) for i in range(bins)]
+    levels_TB = (sums_TB / sums_TB.new_tensor(sizes)).float()
+    # An empty bin (fewer values than bins) has level 0; it takes its lower neighbour's so levels ascend.
+    levels_TB = torch.cummax(levels_TB, dim=1).values
+    return torch.cat([levels_TB, -levels_TB], dim=1)
 
 
 def quantize(values: torch.Tensor, codebook: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes of ``values`` against a codebook from :func:`fit_codebook` (nearest magnitude level, sign bit)."""
+    """uint8 codes of ``values`` against a codebook from :func:`fit_codebook` (nearest magnitude level, sign bit).
+
+    ``codebook`` is ``[2**bits]``, or ``[T, 2**bits]`` for ``values`` of shape ``[T, …]`` (one per row).
+    """
     bins = 1 << (bits - 1)
-    levels = codebook[:bins]
+    levels = codebook[..., :bins]
+    if codebook.dim() == 2:  # per leading row: broadcast over the remaining dims
+        levels = levels.view(levels.shape[0], *([1] * (values.dim() - 1)), bins)
     magnitude = values.detach().abs().float()
     # Nearest level by magnitude: levels are ascending (bins by increasing quantile).
     nearest = (magnitude.unsqueeze(-1) - levels).abs().argmin(dim=-1)
@@ -149,7 +160,10 @@ def quantize(values: torch.Tensor, codebook: torch.Tensor, bits: int) -> torch.T
 
 
 def dequantize(codes: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """fp32 values of ``codes`` (any shape)."""
+    """fp32 values of ``codes`` (any shape) against ``[2**bits]``, or ``[T, 2**bits]`` per leading row."""
+    if codebook.dim() == 2:
+        flat = torch.gather(codebook, 1, codes.reshape(codes.shape[0], -1).long())
+        return flat.view(codes.shape)
     return codebook[codes.long()]
 
 
@@ -234,22 +248,44 @@ class ErrorFeedback:
     @torch.no_grad()
     def compress(self, name: str, delta: torch.Tensor) -> CompressedChunks:
         """Compress ``delta`` (any float dtype, any shape) for tensor ``name``; updates its error buffer."""
-        chunking, error_NC = self.buffer(name, delta)
-        k = min(self.topk, chunking.chunk)
-        if kernel_applies(error_NC):  # one fused pass on the GPU
-            indices_NK, values_NK = fused_ef_topk(error_NC, delta, self.decay, k, chunking.tiled)
-        else:
-            add_chunked_(error_NC.mul_(self.decay), delta, chunking)
-            indices_NK, values_NK = topk_per_chunk(error_NC, k)
-        if self.bits in RAW_VALUE_DTYPES:
-            codebook = torch.zeros(0, dtype=torch.float32, device=delta.device)
-            codes_NK = values_NK.to(RAW_VALUE_DTYPES[self.bits])
-        else:
-            codebook = fit_codebook(values_NK, self.bits)
-            codes_NK = quantize(values_NK, codebook, self.bits)
-        sent = CompressedChunks(chunking, indices_NK, codes_NK, codebook, self.bits)
-        error_NC.scatter_add_(1, indices_NK, -sent.values_NK())
-        return sent
+        return self.compress_many({name: delta})[name]
+
+    @torch.no_grad()
+    def compress_many(self, deltas: dict[str, torch.Tensor]) -> dict[str, CompressedChunks]:
+        """:meth:`compress` of several tensors. Tensors with the same chunk geometry share one codebook fit,
+        one quantisation and one gather (each tensor keeps its own codebook), which on a GPU turns a few
+        dozen kernel launches per tensor into a few per group."""
+        groups: dict[tuple, list[str]] = {}
+        for name, delta in deltas.items():
+            chunking, _ = self.buffer(name, delta)
+            groups.setdefault((chunking.num_chunks, chunking.chunk, delta.device), []).append(name)
+        sent: dict[str, CompressedChunks] = {}
+        for (rows, chunk, device), names in groups.items():
+            k = min(self.topk, chunk)
+            indices_TNK = torch.empty(len(names), rows, k, dtype=torch.int64, device=device)
+            values_TNK = torch.empty(len(names), rows, k, dtype=torch.float32, device=device)
+            for t, name in enumerate(names):
+                indices_TNK[t], values_TNK[t] = self._select(name, deltas[name], k)
+            if self.bits in RAW_VALUE_DTYPES:
+                codebook_TL = torch.zeros(len(names), 0, dtype=torch.float32, device=device)
+                codes_TNK = values_TNK.to(RAW_VALUE_DTYPES[self.bits])
+            else:
+                codebook_TL = fit_codebooks(values_TNK.view(len(names), -1), self.bits)
+                codes_TNK = quantize(values_TNK, codebook_TL, self.bits)
+            for t, name in enumerate(names):
+                chunking, error_NC = self.errors[name]
+                item = CompressedChunks(chunking, indices_TNK[t], codes_TNK[t], codebook_TL[t], self.bits)
+                error_NC.scatter_add_(1, item.indices_NK, -item.values_NK())
+                sent[name] = item
+        return {name: sent[name] for name in deltas}
+
+    def _select(self, name: str, delta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fold ``delta`` into the error and pick each chunk's top-k: one fused kernel on the GPU."""
+        chunking, error_NC = self.errors[name]
+        if kernel_applies(error_NC):
+            return fused_ef_topk(error_NC, delta, self.decay, k, chunking.tiled)
+        add_chunked_(error_NC.mul_(self.decay), delta, chunking)
+        return topk_per_chunk(error_NC, k)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Error buffers by tensor name, each in its tensor's shape (fp32)."""

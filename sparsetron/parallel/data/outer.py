@@ -245,10 +245,10 @@ class OuterStep:
         """SparseLoCo: compress with error feedback, encode one payload, all-gather payloads over replicas."""
         started = time.perf_counter()
         items: list[wire.CompressedTensor | wire.DenseTensor] = []
-        sent: dict[str, CompressedChunks] = {}
+        sent = self.compressor.compress_many({n: d for n, d in deltas.items() if self._compressed(d)})
         for name, delta in deltas.items():
-            if self._compressed(delta):
-                sent[name] = chunks = self.compressor.compress(name, delta)
+            if name in sent:
+                chunks = sent[name]
                 items.append(
                     wire.CompressedTensor(
                         name=name, shape=tuple(delta.shape), chunk=chunks.chunking.chunk,
