@@ -25,6 +25,7 @@ from sparsetron.config import (
     write_resolved,
 )
 from sparsetron.dist.errors import LayoutError
+from sparsetron.sync.cli import sync_app
 
 app = typer.Typer(
     name="sparsetron",
@@ -41,6 +42,7 @@ config_app = typer.Typer(help="Print, check and document job configs.", no_args_
 app.add_typer(config_app, name="config")
 data_app = typer.Typer(help="Prepare token stores for training.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(sync_app, name="sync")
 
 stderr = Console(stderr=True)
 stdout = Console()
@@ -261,16 +263,6 @@ def convert(ctx: typer.Context) -> None:
         "convert",
         "checkpoint conversion arrives with the checkpoint-conversion issue",
         "No converter is installed in this version.",
-    )
-
-
-@app.command(context_settings=PASSTHROUGH)
-def sync(ctx: typer.Context) -> None:
-    """Serve or pull lossless sparse weight deltas between a trainer and rollout workers (`sync serve|pull`)."""
-    _later(
-        "sync",
-        "the RL weight-sync service arrives with the weight-sync issue",
-        "No sync transport is installed in this version.",
     )
 
 

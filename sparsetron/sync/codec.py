@@ -1,0 +1,861 @@
+"""Lossless codec for sparse weight deltas: the trainer publishes versions, rollout workers apply them.
+
+Between RL optimizer steps most bf16 weights keep their exact bits, so a delta lists only the changed
+elements: their flat positions and new bit patterns. Everything works on bit patterns (same-width integer
+views, :func:`bits_view`), so NaN payloads, -0.0, ±Inf and subnormals round-trip exactly and the codec does
+not care about the dtype beyond its width.
+
+Layout (all integers little-endian)::
+
+    preamble  magic b"STSD" | format version u16 | flags u8 (bit 0: anchor) | version u64
+              | base version u64 (all ones: none) | tensor count u32 | total length u64 | header length u32
+    records   one per tensor: name length u16 | utf-8 name | dtype id u8 | ndim u8 | dims u64 × ndim
+              | dense u8 | element count M u64 | digest u64 | bucket count u32
+              | per bucket: first element ordinal u64 | element count u64 | index coding u8 | value coding u8
+                | index compressor u8 | value compressor u8 | index raw bytes u64 | value raw bytes u64
+                | index stored bytes u64 | value stored bytes u64 | CRC32 of the stored bytes u32
+    header CRC32 u32 over every header byte before it
+    bodies    per tensor, per bucket, in record order: stored index stream | stored value stream
+
+The M elements are cut into buckets of ``bucket_elements``, each coded and compressed on its own, so buckets
+can be (de)compressed in parallel and a corrupt one is named. Index streams (sparse tensors only) use
+whichever coding is exactly smallest for the bucket:
+
+* ``gaps``: LEB128 varints: the first index relative to the previous bucket's last + 1, then
+  differences − 1.
+* ``elias_fano``: that first-index varint, the low-bit width L u8, the low L bits of every offset from the
+  bucket's first index (LSB-first, :mod:`sparsetron.parallel.data.bitpack`), then the high parts in unary
+  (offset ``i``'s high part ``h`` sets bit ``h + i``).
+* ``bitmap``: that first-index varint, then one bit per position from the first index to the last.
+
+Value streams hold ``raw`` bit patterns or the ``diff`` new − base (wrapping in the element width, zig-zag
+mapped, so a few ulps become small integers), byte-plane shuffled (every element's low byte, then the next
+byte …) because the high planes are near-constant. Each stream is zstd-compressed only when that shrinks it.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import astuple, dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import zstandard
+
+from sparsetron.parallel.data.bitpack import pack_bits, packed_len, unpack_bits
+
+MAGIC = b"STSD"
+FORMAT_VERSION = 1
+#: Wire dtype id = position in this tuple.
+DTYPES: tuple[torch.dtype, ...] = (
+    torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int16,
+    torch.int8, torch.uint8, torch.bool,
+)  # fmt: skip
+INDEX_CODINGS = ("none", "gaps", "elias_fano", "bitmap")
+VALUE_CODINGS = ("raw", "diff")
+COMPRESSORS = ("none", "zstd")
+
+_IDX_NONE, _IDX_GAPS, _IDX_EF, _IDX_BITMAP = range(4)
+_VAL_RAW, _VAL_DIFF = range(2)
+_STORED, _ZSTD = range(2)
+_FLAG_ANCHOR = 1
+_NO_BASE_VERSION = (1 << 64) - 1
+_U64_MAX = (1 << 64) - 1
+# Elias–Fano low parts go through bitpack, which packs up to 32 bits; wider would only pay off below 1e-9
+# density, where the unary part is a handful of bytes anyway.
+_MAX_LOW_BITS = 32
+
+_PREAMBLE = struct.Struct("<4sHBQQIQI")
+_VERSION_PREFIX = struct.Struct("<4sH")
+_TENSOR = struct.Struct("<BQQI")
+_BUCKET = struct.Struct("<QQBBBBQQQQI")
+_U8 = struct.Struct("<B")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+_BITS_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_NP_SIGNED = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+_NP_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+# Values ≥ threshold k need k + 2 varint bytes.
+_VARINT_THRESHOLDS = np.array([1 << (7 * k) for k in range(1, 10)], dtype=np.uint64)
+
+
+class DeltaFormatError(ValueError):
+    """A payload that cannot be decoded: corrupt, truncated, foreign, from a newer format, or inconsistent."""
+
+
+@dataclass
+class TensorUpdate:
+    """New bit patterns for ``M`` elements of one tensor.
+
+    ``indices`` int64 [M] strictly increasing flat positions, or None for a dense update (M = numel).
+    ``values`` [M] the new bit patterns as the same-width integer dtype (uint8, int16, int32, int64; see
+    :func:`bits_view`); ``base`` [M] the receiver's current bit patterns there (enables diff coding).
+    ``digest`` is an unsigned 64-bit digest of the whole resulting tensor, carried verbatim.
+    """
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    indices: torch.Tensor | None
+    values: torch.Tensor
+    base: torch.Tensor | None = None
+    digest: int = 0
+
+
+@dataclass
+class DeltaHeader:
+    """Payload-level fields: the version it produces, the version it applies to (None: any), anchor flag."""
+
+    version: int
+    base_version: int | None
+    anchor: bool
+    count: int
+
+
+@dataclass
+class _Host:
+    """A validated update on the host: numpy unsigned bit patterns, int64 indices or None."""
+
+    name: str
+    dtype_id: int
+    shape: tuple[int, ...]
+    indices: np.ndarray | None
+    values: np.ndarray
+    base: np.ndarray | None
+    digest: int
+
+
+@dataclass
+class _Job:
+    """One bucket to encode: its first element ordinal, index slice, the previous index, values, base."""
+
+    first: int
+    indices: np.ndarray | None
+    prev_last: int
+    values: np.ndarray
+    base: np.ndarray | None
+
+
+@dataclass
+class _Bucket:
+    """A bucket's header fields (lengths in bytes)."""
+
+    first: int
+    count: int
+    index_coding: int
+    value_coding: int
+    index_compressor: int
+    value_compressor: int
+    index_raw: int
+    value_raw: int
+    index_stored: int
+    value_stored: int
+    crc: int
+
+
+@dataclass
+class _Record:
+    """A tensor's header record as parsed, with where its bodies start in the payload."""
+
+    name: str
+    dtype_id: int
+    shape: tuple[int, ...]
+    dense: bool
+    count: int
+    digest: int
+    buckets: list[_Bucket]
+    body_offset: int
+
+    @property
+    def numel(self) -> int:
+        """Elements in the full tensor."""
+        return int(np.prod(self.shape, dtype=object))
+
+
+def _bits_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The same-width integer dtype that carries ``dtype``'s bit patterns (bool → uint8)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype} is not supported; use one of {[str(d) for d in DTYPES]}")
+    return _BITS_DTYPES[dtype.itemsize]
+
+
+def bits_view(t: torch.Tensor) -> torch.Tensor:
+    """Flat [numel] same-width integer view of ``t``'s bit patterns (uint8/int16/int32/int64; bool → uint8).
+
+    ``t`` is any supported dtype and shape (0-d gives [1]); no copy when ``t`` is contiguous.
+    """
+    return t.reshape(-1).view(_bits_dtype(t.dtype))
+
+
+def from_bits(bits: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`bits_view`: ``bits`` [numel] of the same-width int dtype → ``dtype`` tensor ``shape``."""
+    expected = _bits_dtype(dtype)
+    if bits.dtype != expected:
+        raise ValueError(f"bits are {bits.dtype}, {dtype} needs {expected}; pass bits_view()'s output")
+    return bits.reshape(-1).view(dtype).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------- varints
+
+
+def _varint_lengths(v: np.ndarray) -> np.ndarray:
+    """Bytes each of ``v`` (uint64 [n]) takes as a LEB128 varint, int64 [n]."""
+    return np.searchsorted(_VARINT_THRESHOLDS, v, side="right") + 1
+
+
+def _varint_encode(v: np.ndarray, lengths: np.ndarray) -> bytes:
+    """``v`` (uint64 [n]) as concatenated LEB128 varints; ``lengths`` from :func:`_varint_lengths`."""
+    if v.size == 0:
+        return b""
+    positions = np.arange(int(lengths.max()))
+    groups = ((v[:, None] >> (positions.astype(np.uint64) * np.uint64(7))) & np.uint64(0x7F)).astype(np.uint8)
+    groups[positions[None, :] < lengths[:, None] - 1] |= 0x80
+    return groups[positions[None, :] < lengths[:, None]].tobytes()
+
+
+def _varint(value: int) -> bytes:
+    """One non-negative int as a LEB128 varint."""
+    v = np.array([value], dtype=np.uint64)
+    return _varint_encode(v, _varint_lengths(v))
+
+
+def _varint_decode(buf: np.ndarray, count: int, where: str) -> np.ndarray:
+    """uint64 [count] from ``buf`` (uint8), which must hold exactly ``count`` canonical-width varints."""
+    ends = np.flatnonzero(buf < 0x80)
+    if ends.size != count or (count and ends[-1] != buf.size - 1):
+        raise DeltaFormatError(
+            f"{where}: varint stream of {buf.size} bytes holds {ends.size} complete values, expected {count}; "
+            "payload is corrupt"
+        )
+    if count == 0:
+        return np.zeros(0, dtype=np.uint64)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    lengths = ends - starts + 1
+    # A 10th byte may only hold bit 63; anything longer or larger overflows 64 bits.
+    if lengths.max() > 10 or (buf[ends[lengths == 10]] > 1).any():
+        raise DeltaFormatError(f"{where}: varint overflows 64 bits; payload is corrupt")
+    positions = np.arange(buf.size) - np.repeat(starts, lengths)
+    parts = (buf & 0x7F).astype(np.uint64) << (positions.astype(np.uint64) * np.uint64(7))
+    return np.bitwise_or.reduceat(parts, starts)
+
+
+def _read_varint(buf: np.ndarray, where: str) -> tuple[int, int]:
+    """(value, bytes used) of the varint at the start of ``buf``."""
+    ends = np.flatnonzero(buf[:10] < 0x80)
+    if ends.size == 0:
+        raise DeltaFormatError(f"{where}: unterminated varint; payload is corrupt")
+    used = int(ends[0]) + 1
+    return int(_varint_decode(buf[:used], 1, where)[0]), used
+
+
+# ----------------------------------------------------------------------------------------- index coding
+
+
+def _ef_layout(count: int, span: int) -> tuple[int, int]:
+    """(low bits L, bytes of low + unary parts) minimising the Elias–Fano size of ``count`` offsets ≤ span."""
+    # The size depends only on the count and the largest offset, so every L is tried exactly, in O(1) each.
+    candidates = range(min(_MAX_LOW_BITS, span.bit_length()) + 1)
+    sizes = [(packed_len(count, low) + (count + (span >> low) + 7) // 8, low) for low in candidates]
+    size, low = min(sizes)
+    return low, size
+
+
+def _encode_indices(indices: np.ndarray, prev_last: int) -> tuple[int, bytes]:
+    """(coding id, stream) for a bucket's int64 [n ≥ 1] strictly increasing indices; smallest coding wins."""
+    gaps = np.empty(indices.size, dtype=np.uint64)
+    gaps[0] = indices[0] - prev_last - 1
+    gaps[1:] = np.diff(indices) - 1
+    lengths = _varint_lengths(gaps)
+    prefix = _varint(int(gaps[0]))
+    span = int(indices[-1] - indices[0])
+    low, ef_bytes = _ef_layout(indices.size, span)
+    sizes = [int(lengths.sum()), len(prefix) + 1 + ef_bytes, len(prefix) + (span + 1 + 7) // 8]
+    coding = (_IDX_GAPS, _IDX_EF, _IDX_BITMAP)[int(np.argmin(sizes))]
+    if coding == _IDX_GAPS:
+        return coding, _varint_encode(gaps, lengths)
+    offsets = indices - indices[0]
+    if coding == _IDX_EF:
+        return coding, prefix + _U8.pack(low) + _ef_encode(offsets, low, span)
+    bitmap = np.zeros(span + 1, dtype=np.uint8)
+    bitmap[offsets] = 1
+    return coding, prefix + np.packbits(bitmap, bitorder="little").tobytes()
+
+
+def _ef_encode(offsets: np.ndarray, low: int, span: int) -> bytes:
+    """Low ``low`` bits of each offset (int64 [n], increasing, ≤ span) packed, then the unary high parts."""
+    low_part = pack_bits(torch.from_numpy(offsets & ((1 << low) - 1)), low).numpy().tobytes()
+    unary = np.zeros(offsets.size + (span >> low), dtype=np.uint8)
+    unary[(offsets >> low) + np.arange(offsets.size)] = 1
+    return low_part + np.packbits(unary, bitorder="little").tobytes()
+
+
+def _decode_indices(coding: int, stream: np.ndarray, count: int, prev_last: int, where: str) -> np.ndarray:
+    """int64 [count] indices of one bucket from its uint8 index stream (not yet range-checked)."""
+    if coding == _IDX_GAPS:
+        steps = _varint_decode(stream, count, where)
+        steps[0] += np.uint64(prev_last + 1)
+        steps[1:] += np.uint64(1)
+        # Wrapping int64 arithmetic on purpose: a corrupt huge gap shows up as a decrease, which the caller's
+        # strictly-increasing check rejects.
+        return np.cumsum(steps.view(np.int64))
+    start_gap, used = _read_varint(stream, where)
+    first = prev_last + 1 + start_gap
+    if first >= 1 << 62:
+        raise DeltaFormatError(f"{where}: first index {first} is out of range; payload is corrupt")
+    rest = stream[used:]
+    offsets = _ef_decode(rest, count, where) if coding == _IDX_EF else _set_bits(rest, count, where)
+    return first + offsets
+
+
+def _set_bits(packed: np.ndarray, count: int, where: str) -> np.ndarray:
+    """int64 positions of the ``count`` set bits in LSB-first ``packed``; no trailing zero bytes allowed."""
+    positions = np.flatnonzero(np.unpackbits(packed, bitorder="little"))
+    if positions.size != count or packed.size != (int(positions[-1]) + 8) // 8:
+        raise DeltaFormatError(
+            f"{where}: bit stream of {packed.size} bytes has {positions.size} set bits, expected {count} "
+            "ending in its last byte; payload is corrupt"
+        )
+    return positions.astype(np.int64)
+
+
+def _ef_decode(stream: np.ndarray, count: int, where: str) -> np.ndarray:
+    """int64 [count] offsets from an Elias–Fano stream (low-bit width u8, low parts, unary high parts)."""
+    if stream.size == 0 or stream[0] > _MAX_LOW_BITS:
+        raise DeltaFormatError(f"{where}: Elias–Fano header missing or low width > {_MAX_LOW_BITS}; corrupt")
+    low = int(stream[0])
+    low_len = packed_len(count, low)
+    if stream.size < 1 + low_len:
+        raise DeltaFormatError(f"{where}: Elias–Fano stream of {stream.size} bytes is short; corrupt")
+    lows = unpack_bits(torch.from_numpy(stream[1 : 1 + low_len].copy()), count, low).numpy()
+    highs = _set_bits(stream[1 + low_len :], count, where) - np.arange(count)
+    if int(highs[-1]) >= 1 << (62 - low):
+        raise DeltaFormatError(f"{where}: Elias–Fano offsets overflow; payload is corrupt")
+    return (highs << low) | lows
+
+
+# ----------------------------------------------------------------------------------------- value coding
+
+
+def _shuffle(u: np.ndarray) -> bytes:
+    """Byte planes of ``u`` (unsigned [n]), little-endian: every low byte first, then the next byte …"""
+    little = u.astype(u.dtype.newbyteorder("<"), copy=False)
+    return little.view(np.uint8).reshape(-1, u.itemsize).T.tobytes()
+
+
+def _unshuffle(buf: np.ndarray, count: int, width: int) -> np.ndarray:
+    """Inverse of :func:`_shuffle`: native unsigned [count] of ``width`` bytes from uint8 planes."""
+    rows = np.ascontiguousarray(buf.reshape(width, count).T)
+    return (
+        rows.view(np.dtype(_NP_UNSIGNED[width]).newbyteorder("<")).reshape(count).astype(_NP_UNSIGNED[width])
+    )
+
+
+def _zigzag(new: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """(new − base) wrapped in the width, zig-zag mapped so small ± differences become small unsigned ints."""
+    signed = _NP_SIGNED[new.itemsize]
+    diff = new.view(signed) - base.view(signed)  # numpy integer arrays wrap on overflow
+    return ((diff << 1) ^ (diff >> (8 * new.itemsize - 1))).view(new.dtype)
+
+
+def _unzigzag(coded: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_zigzag`: new unsigned bit patterns from zig-zag differences and ``base``."""
+    one = coded.dtype.type(1)
+    diff = (coded >> one) ^ np.negative(coded & one)
+    return base + diff  # unsigned wrap-around undoes the wrapped subtraction
+
+
+def _compress(raw: bytes, level: int) -> tuple[int, bytes]:
+    """(compressor id, stored bytes): zstd only when it is smaller than ``raw``."""
+    if raw:
+        packed = zstandard.ZstdCompressor(level=level).compress(raw)
+        if len(packed) < len(raw):
+            return _ZSTD, packed
+    return _STORED, raw
+
+
+def _encode_values(values: np.ndarray, base: np.ndarray | None, level: int) -> tuple[int, int, int, bytes]:
+    """(value coding, compressor, raw length, stored bytes); diff only if base is given and it is smaller."""
+    raw = _shuffle(values)
+    best = (_VAL_RAW, *_compress(raw, level))
+    if base is not None:
+        diff = (_VAL_DIFF, *_compress(_shuffle(_zigzag(values, base)), level))
+        if len(diff[2]) < len(best[2]):
+            best = diff
+    coding, compressor, stored = best
+    return coding, compressor, len(raw), stored
+
+
+def _encode_bucket(job: _Job, level: int) -> tuple[_Bucket, bytes, bytes]:
+    """Code and compress one bucket: (header fields, stored index stream, stored value stream)."""
+    index_coding, index_raw, index_compressor, index_stored = _IDX_NONE, 0, _STORED, b""
+    if job.indices is not None:
+        index_coding, raw = _encode_indices(job.indices, job.prev_last)
+        index_raw = len(raw)
+        index_compressor, index_stored = _compress(raw, level)
+    value_coding, value_compressor, value_raw, value_stored = _encode_values(job.values, job.base, level)
+    bucket = _Bucket(
+        first=job.first,
+        count=job.values.size,
+        index_coding=index_coding,
+        value_coding=value_coding,
+        index_compressor=index_compressor,
+        value_compressor=value_compressor,
+        index_raw=index_raw,
+        value_raw=value_raw,
+        index_stored=len(index_stored),
+        value_stored=len(value_stored),
+        crc=zlib.crc32(value_stored, zlib.crc32(index_stored)),
+    )
+    return bucket, index_stored, value_stored
+
+
+# ------------------------------------------------------------------------------------------------ encode
+
+
+def _check_name(name: object) -> bytes:
+    """UTF-8 bytes of ``name``; must be a str of ≤ 65535 encoded bytes."""
+    if not isinstance(name, str):
+        raise ValueError(f"name={name!r} must be a str; pass the parameter name")
+    encoded = name.encode("utf-8")
+    if len(encoded) > 0xFFFF:
+        raise ValueError(f"name of {len(encoded)} utf-8 bytes exceeds 65535; shorten the parameter name")
+    return encoded
+
+
+def _check_shape(name: str, shape: object) -> tuple[int, ...]:
+    """``shape`` as a tuple of ≤ 255 non-negative ints."""
+    dims = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else None
+    if dims is None or len(dims) > 255 or any(not isinstance(d, int) or d < 0 for d in dims):
+        raise ValueError(f"tensor {name!r}: shape={shape!r} must be ≤ 255 non-negative ints; pass t.shape")
+    return dims
+
+
+def _host_bits(name: str, field: str, t: object, bits_dtype: torch.dtype, count: int) -> np.ndarray:
+    """``t`` checked to be ``bits_dtype`` [count], copied to the host once, as numpy unsigned."""
+    if not isinstance(t, torch.Tensor) or t.dtype != bits_dtype or tuple(t.shape) != (count,):
+        found = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(
+            f"tensor {name!r}: {field} is {found}, must be {bits_dtype} [{count}]; pass bits_view(...) of the "
+            "selected elements"
+        )
+    host = t.detach().cpu().numpy()
+    return host.view(_NP_UNSIGNED[host.itemsize])
+
+
+def _host_indices(name: str, indices: object, numel: int) -> np.ndarray:
+    """``indices`` checked to be int64 [M] strictly increasing in [0, numel), as a host numpy array."""
+    if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64 or indices.dim() != 1:
+        found = f"{indices.dtype} {tuple(indices.shape)}" if isinstance(indices, torch.Tensor) else indices
+        raise ValueError(f"tensor {name!r}: indices are {found}, must be int64 [M]; cast/flatten them")
+    host = indices.detach().cpu().numpy()
+    if host.size and (host[0] < 0 or host[-1] >= numel or not (host[1:] > host[:-1]).all()):
+        raise ValueError(
+            f"tensor {name!r}: indices must be strictly increasing flat positions in [0, {numel}); "
+            "sort them and drop duplicates"
+        )
+    return host
+
+
+def _to_host(update: TensorUpdate, needs_self_contained: bool) -> _Host:
+    """Validate ``update`` (raising ValueError naming the field and fix) and copy it to the host."""
+    name = update.name
+    _check_name(name)
+    bits_dtype = _bits_dtype(update.dtype)
+    shape = _check_shape(name, update.shape)
+    numel = int(np.prod(shape, dtype=object))
+    indices = None if update.indices is None else _host_indices(name, update.indices, numel)
+    count = numel if indices is None else indices.size
+    values = _host_bits(name, "values", update.values, bits_dtype, count)
+    base = None
+    if update.base is not None:
+        if needs_self_contained:
+            raise ValueError(
+                f"tensor {name!r}: base is set but the payload is an anchor or has no base_version, so the "
+                "receiver's values are unknown; drop base or pass base_version"
+            )
+        base = _host_bits(name, "base", update.base, bits_dtype, count)
+    if not isinstance(update.digest, int) or not 0 <= update.digest <= _U64_MAX:
+        raise ValueError(f"tensor {name!r}: digest={update.digest!r} must be an unsigned 64-bit int")
+    return _Host(name, DTYPES.index(update.dtype), shape, indices, values, base, update.digest)
+
+
+def _jobs(host: _Host, bucket_elements: int) -> list[_Job]:
+    """``host`` cut into buckets of ``bucket_elements`` elements (none when it has no elements)."""
+    jobs = []
+    for first in range(0, host.values.size, bucket_elements):
+        end = first + bucket_elements
+        indices = None if host.indices is None else host.indices[first:end]
+        prev_last = -1 if host.indices is None or first == 0 else int(host.indices[first - 1])
+        base = None if host.base is None else host.base[first:end]
+        jobs.append(_Job(first, indices, prev_last, host.values[first:end], base))
+    return jobs
+
+
+def _record_bytes(host: _Host, buckets: list[_Bucket]) -> bytes:
+    """A tensor's header record."""
+    name = host.name.encode("utf-8")
+    dims = b"".join(_U64.pack(d) for d in host.shape)
+    head = _U16.pack(len(name)) + name + _U8.pack(host.dtype_id) + _U8.pack(len(host.shape)) + dims
+    fixed = _TENSOR.pack(host.indices is None, host.values.size, host.digest, len(buckets))
+    rows = [_BUCKET.pack(*astuple(b)) for b in buckets]  # field order = wire order
+    return head + fixed + b"".join(rows)
+
+
+def _check_encode_args(
+    count: int, version: int, base_version: int | None, level: int, bucket_elements: int, threads: int
+) -> None:
+    """Raise ValueError naming the argument and its valid range."""
+    checks = [
+        (count <= 0xFFFFFFFF, f"{count} updates exceed 2**32 - 1; split the payload"),
+        (isinstance(version, int) and 0 <= version <= _U64_MAX, f"version={version!r} must be a u64"),
+        (
+            base_version is None or (isinstance(base_version, int) and 0 <= base_version < _NO_BASE_VERSION),
+            f"base_version={base_version!r} must be None or an int in [0, 2**64 - 1)",
+        ),
+        (
+            isinstance(level, int) and level <= zstandard.MAX_COMPRESSION_LEVEL,
+            f"level={level!r} must be an int ≤ {zstandard.MAX_COMPRESSION_LEVEL}; 3 is a good default",
+        ),
+        (isinstance(bucket_elements, int) and bucket_elements >= 1, "bucket_elements must be an int ≥ 1"),
+        (isinstance(threads, int) and threads >= 0, "threads must be an int ≥ 0 (0: no thread pool)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def encode(
+    updates: list[TensorUpdate],
+    *,
+    version: int,
+    base_version: int | None,
+    anchor: bool = False,
+    level: int = 3,
+    bucket_elements: int = 1 << 22,
+    threads: int = 0,
+) -> bytes:
+    """Serialise ``updates`` (CPU or CUDA tensors) into one payload producing ``version`` from ``base_version``.
+
+    Each update's indices/values/base are copied to the host once. ``base`` (the receiver's current bit
+    patterns) is only allowed when ``base_version`` is given and ``anchor`` is False, since diff-coded values
+    cannot be decoded without them. ``level`` is the zstd level; ``threads`` > 0 codes and compresses buckets
+    in a pool of that many threads (zstd and numpy release the GIL). Raises ValueError on invalid input.
+    """
+    _check_encode_args(len(updates), version, base_version, level, bucket_elements, threads)
+    hosts = [_to_host(u, anchor or base_version is None) for u in updates]
+    per_tensor = [_jobs(h, bucket_elements) for h in hosts]
+    jobs = [job for tensor_jobs in per_tensor for job in tensor_jobs]
+    code = partial(_encode_bucket, level=level)
+    if threads > 0 and len(jobs) > 1:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            coded = list(pool.map(code, jobs))
+    else:
+        coded = [code(job) for job in jobs]
+    records, start = [], 0
+    for host, tensor_jobs in zip(hosts, per_tensor, strict=True):
+        records.append(
+            _record_bytes(host, [bucket for bucket, _, _ in coded[start : start + len(tensor_jobs)]])
+        )
+        start += len(tensor_jobs)
+    bodies = [part for _, index, value in coded for part in (index, value)]
+    header_len = _PREAMBLE.size + sum(len(r) for r in records) + _U32.size
+    total_len = header_len + sum(len(b) for b in bodies)
+    flags = _FLAG_ANCHOR if anchor else 0
+    wire_base = _NO_BASE_VERSION if base_version is None else base_version
+    preamble = _PREAMBLE.pack(
+        MAGIC, FORMAT_VERSION, flags, version, wire_base, len(updates), total_len, header_len
+    )
+    header = preamble + b"".join(records)
+    return b"".join([header, _U32.pack(zlib.crc32(header)), *bodies])
+
+
+# ------------------------------------------------------------------------------------------------ decode
+
+
+class _Reader:
+    """Sequential little-endian reader over the CRC-checked header; running past it means corruption."""
+
+    def __init__(self, data: memoryview, offset: int, end: int) -> None:
+        self.data = data
+        self.offset = offset
+        self.end = end
+
+    def take(self, fmt: struct.Struct) -> tuple:
+        """Unpack ``fmt`` at the cursor and advance."""
+        return fmt.unpack(self.raw(fmt.size))
+
+    def raw(self, size: int) -> bytes:
+        """The next ``size`` bytes."""
+        if self.offset + size > self.end:
+            raise DeltaFormatError("header records overrun the header length; payload is corrupt")
+        chunk = bytes(self.data[self.offset : self.offset + size])
+        self.offset += size
+        return chunk
+
+
+def _as_view(payload: object) -> memoryview:
+    """``payload`` as a flat byte memoryview (no copy)."""
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise DeltaFormatError(f"payload is {type(payload).__name__}, must be bytes; pass encode()'s output")
+    return memoryview(payload).cast("B")
+
+
+def _parse(payload: object) -> tuple[memoryview, DeltaHeader, list[_Record], int]:
+    """(bytes, header, records, header length) after checking magic, version, lengths, CRC and records."""
+    data = _as_view(payload)
+    if bytes(data[:4]) != MAGIC[: len(data)]:
+        raise DeltaFormatError(
+            f"bad magic {bytes(data[:4])!r}, expected {MAGIC!r}; this is not a sparsetron weight delta"
+        )
+    if len(data) < _VERSION_PREFIX.size:
+        raise DeltaFormatError(f"payload of {len(data)} bytes is truncated; resend it")
+    _, fmt_version = _VERSION_PREFIX.unpack_from(data)
+    if fmt_version > FORMAT_VERSION:
+        raise DeltaFormatError(
+            f"format version {fmt_version} is newer than this reader's {FORMAT_VERSION}; upgrade sparsetron on "
+            "the receiver"
+        )
+    if fmt_version != FORMAT_VERSION:
+        raise DeltaFormatError(f"unknown format version {fmt_version}; payload is corrupt")
+    if len(data) < _PREAMBLE.size:
+        raise DeltaFormatError(f"payload of {len(data)} bytes is truncated (preamble needs {_PREAMBLE.size})")
+    _, _, flags, version, wire_base, count, total_len, header_len = _PREAMBLE.unpack_from(data)
+    if header_len > len(data) or header_len < _PREAMBLE.size + _U32.size:
+        raise DeltaFormatError(
+            f"header length {header_len} does not fit the {len(data)}-byte payload; it is truncated or corrupt"
+        )
+    crc_at = header_len - _U32.size
+    if zlib.crc32(data[:crc_at]) != _U32.unpack_from(data, crc_at)[0]:
+        raise DeltaFormatError("header CRC32 mismatch; the payload was corrupted in transit, resend it")
+    if total_len != len(data):
+        what = "truncated" if len(data) < total_len else "followed by trailing bytes"
+        raise DeltaFormatError(f"payload is {what}: {len(data)} bytes, header says {total_len}; resend it")
+    if flags & ~_FLAG_ANCHOR:
+        raise DeltaFormatError(f"unknown flags {flags:#x}; upgrade sparsetron on the receiver")
+    reader = _Reader(data, _PREAMBLE.size, crc_at)
+    records, body_offset = [], header_len
+    for _ in range(count):
+        record = _read_record(reader, body_offset)
+        records.append(record)
+        body_offset += sum(b.index_stored + b.value_stored for b in record.buckets)
+    if reader.offset != crc_at:
+        raise DeltaFormatError("header has bytes beyond its records; payload is corrupt")
+    if body_offset != total_len:
+        raise DeltaFormatError("bucket lengths do not add up to the total length; payload is corrupt")
+    base_version = None if wire_base == _NO_BASE_VERSION else wire_base
+    return data, DeltaHeader(version, base_version, bool(flags & _FLAG_ANCHOR), count), records, header_len
+
+
+def _read_record(reader: _Reader, body_offset: int) -> _Record:
+    """Parse and check one tensor record at the reader's cursor."""
+    (name_len,) = reader.take(_U16)
+    try:
+        name = reader.raw(name_len).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DeltaFormatError(f"tensor name is not valid utf-8 ({exc}); payload is corrupt") from exc
+    dtype_id, ndim = reader.take(struct.Struct("<BB"))
+    shape = tuple(reader.take(_U64)[0] for _ in range(ndim))
+    dense, count, digest, num_buckets = reader.take(_TENSOR)
+    if num_buckets > count:
+        raise DeltaFormatError(f"tensor {name!r}: {num_buckets} buckets for {count} elements; corrupt")
+    buckets = [_Bucket(*reader.take(_BUCKET)) for _ in range(num_buckets)]
+    record = _Record(name, dtype_id, shape, bool(dense), count, digest, buckets, body_offset)
+    if dtype_id >= len(DTYPES) or dense > 1:
+        raise DeltaFormatError(f"tensor {name!r}: unknown dtype id {dtype_id} or dense flag {dense}; corrupt")
+    if count > record.numel or (record.dense and count != record.numel):
+        raise DeltaFormatError(
+            f"tensor {name!r}: {count} elements do not fit shape {shape} ({'dense' if dense else 'sparse'}); "
+            "payload is corrupt"
+        )
+    width = DTYPES[dtype_id].itemsize
+    ordinal = 0
+    for position, bucket in enumerate(buckets):
+        _check_bucket(record, position, bucket, ordinal, width)
+        ordinal += bucket.count
+    if ordinal != count:
+        raise DeltaFormatError(
+            f"tensor {name!r}: buckets hold {ordinal} elements, record says {count}; corrupt"
+        )
+    return record
+
+
+def _check_bucket(record: _Record, position: int, bucket: _Bucket, ordinal: int, width: int) -> None:
+    """Raise unless ``bucket``'s header fields are consistent with its tensor and place."""
+    # Bounds the index stream of any coding (varints ≤ 10 bytes each, bitmaps ≤ numel bits), so a corrupt
+    # raw length cannot make decompression allocate without limit.
+    index_limit = 16 * bucket.count + record.numel // 8 + 16
+    problems = [
+        (
+            bucket.first != ordinal or bucket.count < 1,
+            f"starts at {bucket.first} with {bucket.count} elements",
+        ),
+        (
+            (bucket.index_coding == _IDX_NONE) != record.dense or bucket.index_coding >= len(INDEX_CODINGS),
+            f"has index coding {bucket.index_coding}",
+        ),
+        (bucket.value_coding >= len(VALUE_CODINGS), f"has value coding {bucket.value_coding}"),
+        (
+            max(bucket.index_compressor, bucket.value_compressor) >= len(COMPRESSORS),
+            f"has compressor ids {bucket.index_compressor}/{bucket.value_compressor}",
+        ),
+        (bucket.value_raw != bucket.count * width, f"has {bucket.value_raw} value bytes"),
+        (
+            bucket.index_raw > index_limit or (record.dense and bucket.index_raw),
+            f"has {bucket.index_raw} index bytes",
+        ),
+        (
+            (bucket.index_compressor == _STORED and bucket.index_stored != bucket.index_raw)
+            or (bucket.value_compressor == _STORED and bucket.value_stored != bucket.value_raw),
+            "has stored lengths that differ from its uncompressed lengths",
+        ),
+    ]
+    for bad, what in problems:
+        if bad:
+            raise DeltaFormatError(f"tensor {record.name!r} bucket {position} {what}; payload is corrupt")
+
+
+def _unpack_stream(stored: memoryview, compressor: int, raw_len: int, where: str) -> np.ndarray:
+    """uint8 [raw_len] from a stored stream."""
+    if compressor == _STORED:
+        return np.frombuffer(stored, dtype=np.uint8)
+    if zstandard.frame_content_size(stored) != raw_len:
+        raise DeltaFormatError(f"{where}: zstd frame size disagrees with the header; payload is corrupt")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=raw_len)
+    except zstandard.ZstdError as exc:
+        raise DeltaFormatError(f"{where}: zstd stream is corrupt ({exc}); resend the payload") from exc
+    if len(raw) != raw_len:
+        raise DeltaFormatError(f"{where}: decompressed {len(raw)} bytes, header says {raw_len}; corrupt")
+    return np.frombuffer(raw, dtype=np.uint8)
+
+
+def _bucket_streams(data: memoryview, record: _Record) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every bucket's (index stream, value stream) after CRC checks and decompression."""
+    streams, offset = [], record.body_offset
+    for position, bucket in enumerate(record.buckets):
+        where = f"tensor {record.name!r} bucket {position}"
+        index_stored = data[offset : offset + bucket.index_stored]
+        value_stored = data[offset + bucket.index_stored : offset + bucket.index_stored + bucket.value_stored]
+        offset += bucket.index_stored + bucket.value_stored
+        if zlib.crc32(value_stored, zlib.crc32(index_stored)) != bucket.crc:
+            raise DeltaFormatError(
+                f"{where}: CRC32 mismatch; the payload was corrupted in transit, resend it"
+            )
+        index = _unpack_stream(index_stored, bucket.index_compressor, bucket.index_raw, where)
+        value = _unpack_stream(value_stored, bucket.value_compressor, bucket.value_raw, where)
+        streams.append((index, value))
+    return streams
+
+
+def _record_indices(record: _Record, streams: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """int64 [M] indices of a sparse tensor, each bucket checked strictly increasing within [0, numel)."""
+    parts, prev_last = [], -1
+    for position, (bucket, (stream, _)) in enumerate(zip(record.buckets, streams, strict=True)):
+        where = f"tensor {record.name!r} bucket {position}"
+        indices = _decode_indices(bucket.index_coding, stream, bucket.count, prev_last, where)
+        if indices[0] <= prev_last or indices[-1] >= record.numel or not (indices[1:] > indices[:-1]).all():
+            raise DeltaFormatError(
+                f"{where}: decoded indices are not strictly increasing within [0, {record.numel}); payload is "
+                "corrupt or was built from unsorted indices"
+            )
+        parts.append(indices)
+        prev_last = int(indices[-1])
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _current_bits(
+    record: _Record, indices: np.ndarray | None, current: Mapping[str, torch.Tensor] | None
+) -> np.ndarray:
+    """The receiver's current bit patterns (numpy unsigned [M]) at the record's elements, for diff coding."""
+    dtype = DTYPES[record.dtype_id]
+    tensor = None if current is None else current.get(record.name)
+    if not isinstance(tensor, torch.Tensor):
+        raise DeltaFormatError(
+            f"tensor {record.name!r} is diff-coded against the receiver's values; pass "
+            "decode(payload, current={name: tensor}) with the receiver's tensors at the base version"
+        )
+    if tensor.dtype != dtype or tensor.numel() != record.numel:
+        raise DeltaFormatError(
+            f"tensor {record.name!r}: current tensor is {tensor.dtype} {tuple(tensor.shape)}, payload needs "
+            f"{dtype} {record.shape}; pass the matching tensor"
+        )
+    bits = bits_view(tensor.detach())
+    # Gather on the tensor's device so only the M needed elements cross to the host.
+    selected = bits if indices is None else bits[torch.from_numpy(indices).to(bits.device)]
+    host = selected.cpu().numpy()
+    return host.view(_NP_UNSIGNED[host.itemsize])
+
+
+def _decode_record(
+    data: memoryview, record: _Record, current: Mapping[str, torch.Tensor] | None
+) -> TensorUpdate:
+    """Rebuild one tensor's update (new bit patterns, no base) from its checked record and bodies."""
+    streams = _bucket_streams(data, record)
+    indices = None if record.dense else _record_indices(record, streams)
+    width = DTYPES[record.dtype_id].itemsize
+    diff_coded = any(b.value_coding == _VAL_DIFF for b in record.buckets)
+    base = _current_bits(record, indices, current) if diff_coded else None
+    parts = []
+    for bucket, (_, stream) in zip(record.buckets, streams, strict=True):
+        coded = _unshuffle(stream, bucket.count, width)
+        if bucket.value_coding == _VAL_DIFF:
+            coded = _unzigzag(coded, base[bucket.first : bucket.first + bucket.count])
+        parts.append(coded)
+    unsigned = np.concatenate(parts) if parts else np.zeros(0, dtype=_NP_UNSIGNED[width])
+    values = torch.from_numpy(unsigned.view(_NP_SIGNED[width]) if width > 1 else unsigned)
+    return TensorUpdate(
+        name=record.name,
+        dtype=DTYPES[record.dtype_id],
+        shape=record.shape,
+        indices=None if indices is None else torch.from_numpy(indices),
+        values=values,
+        digest=record.digest,
+    )
+
+
+def decode(
+    payload: bytes | memoryview, *, current: Mapping[str, torch.Tensor] | None = None
+) -> tuple[DeltaHeader, list[TensorUpdate]]:
+    """Parse and fully validate a payload from :func:`encode`; raises DeltaFormatError, never partial results.
+
+    Returns the header and one update per tensor: ``indices`` int64 [M] (None when dense), ``values`` [M] new
+    bit patterns (uint8/int16/int32/int64 by width, CPU), ``base`` None. Diff-coded tensors need the
+    receiver's current tensors at the base version, by name, in ``current`` (any device; only the changed
+    elements are gathered to the host).
+    """
+    data, header, records, _ = _parse(payload)
+    return header, [_decode_record(data, record, current) for record in records]
+
+
+def payload_stats(payload: bytes | memoryview) -> dict:
+    """Sizes and coding choices read from the (CRC-checked) header; bodies are not verified.
+
+    Keys: ``total_bytes``, ``header_bytes``, ``index_bytes``, ``value_bytes`` (stored, i.e. compressed),
+    ``changed_elements`` (Σ M), ``bits_per_changed_element`` (8·(index + value bytes) / M),
+    ``index_codings`` / ``value_codings`` / ``compressors`` (bucket counts per coding name; compressors
+    count index and value streams).
+    """
+    _, _, records, header_len = _parse(payload)
+    buckets = [b for r in records for b in r.buckets]
+    index_bytes = sum(b.index_stored for b in buckets)
+    value_bytes = sum(b.value_stored for b in buckets)
+    changed = sum(r.count for r in records)
+    compressors = [b.index_compressor for b in buckets if b.index_coding != _IDX_NONE]
+    compressors += [b.value_compressor for b in buckets]
+    return {
+        "total_bytes": header_len + index_bytes + value_bytes,
+        "header_bytes": header_len,
+        "index_bytes": index_bytes,
+        "value_bytes": value_bytes,
+        "changed_elements": changed,
+        "bits_per_changed_element": 8 * (index_bytes + value_bytes) / changed if changed else 0.0,
+        "index_codings": {n: sum(b.index_coding == i for b in buckets) for i, n in enumerate(INDEX_CODINGS)},
+        "value_codings": {n: sum(b.value_coding == i for b in buckets) for i, n in enumerate(VALUE_CODINGS)},
+        "compressors": {n: compressors.count(i) for i, n in enumerate(COMPRESSORS)},
+    }

@@ -1,0 +1,93 @@
+"""`sparsetron sync serve` over a directory of checkpoints and `sparsetron sync pull` into safetensors, as
+real processes over loopback TCP: the first pull anchors, the next one applies the new checkpoint's delta."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed.checkpoint as dcp
+from launch_env import clean_env
+from safetensors.torch import load_file
+
+SECRET = "a shared secret for the test run"
+
+
+def _checkpoint(directory, step: int, state: dict[str, torch.Tensor]) -> None:
+    """A DCP checkpoint laid out as the trainer writes them (model.* keys, a manifest marks it complete)."""
+    path = directory / f"step-{step:08d}"
+    dcp.save({"model": state}, storage_writer=dcp.FileSystemWriter(path), no_dist=True)
+    (path / "manifest.json").write_text("{}")
+
+
+def _cli(*args: str, env: dict, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sparsetron.cli", "sync", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        **kwargs,
+    )
+
+
+def _wait_for(stream, needle: str, timeout: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout
+    seen = ""
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        seen += line
+        if needle in line:
+            return line
+    raise AssertionError(f"{needle!r} not printed within {timeout}s; got:\n{seen}")
+
+
+def test_serve_checkpoints_and_pull_into_safetensors(tmp_path):
+    env = clean_env() | {"SPARSETRON_SYNC_SECRET": SECRET}
+    generator = torch.Generator().manual_seed(0)
+    state = {
+        "layers.0.w": torch.randn(64, 64, generator=generator).bfloat16(),
+        "norm.weight": torch.ones(64),
+    }
+    checkpoints, into = tmp_path / "checkpoints", tmp_path / "rollout"
+    _checkpoint(checkpoints, 1, state)
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "sparsetron.cli", "sync", "serve", str(checkpoints), "--port", "0",
+         "--poll", "0.1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        address = _wait_for(serve.stdout, "as version 0 on").split()[-1]
+        first = _cli("pull", address, "--into", str(into), env=env, timeout=120)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "(anchor)" in first.stdout
+        pulled = load_file(into / "model.safetensors")
+        assert all(torch.equal(pulled[k], v) for k, v in state.items())
+
+        state["layers.0.w"][3, :5] += 1
+        _checkpoint(checkpoints, 2, state)
+        _wait_for(serve.stdout, "version 1 (step-00000002)")
+        second = _cli("pull", address, "--into", str(into), env=env, timeout=120)
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert "version 0 -> 1" in second.stdout and "5 changed elements" in second.stdout
+        pulled = load_file(into / "model.safetensors")
+        assert all(torch.equal(pulled[k], v) for k, v in state.items())
+    finally:
+        serve.kill()
+
+
+def test_pull_without_a_secret_says_how_to_set_one(tmp_path):
+    env = {k: v for k, v in clean_env().items() if k != "SPARSETRON_SYNC_SECRET"}
+    result = _cli("pull", "127.0.0.1:1", "--into", str(tmp_path), env=env, timeout=60)
+    assert result.returncode == 2
+    assert "SPARSETRON_SYNC_SECRET" in " ".join(result.stderr.split())
+
+
+def test_pull_from_nowhere_fails_cleanly_and_keeps_the_directory(tmp_path):
+    env = clean_env() | {"SPARSETRON_SYNC_SECRET": SECRET}
+    result = _cli("pull", "127.0.0.1:9", "--into", str(tmp_path / "out"), env=env, timeout=120)
+    assert result.returncode == 1
+    assert "pull failed" in " ".join(result.stderr.split())
+    assert not os.path.exists(tmp_path / "out" / "model.safetensors")
