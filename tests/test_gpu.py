@@ -157,3 +157,24 @@ def test_sparseloco_training_over_nccl_on_two_gpus(tmp_path):
         if section == "model":
             by_replica.setdefault(replica, {})[name] = record["sha256"]
     assert len(by_replica) == 2 and by_replica["replica-00000"] == by_replica["replica-00001"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_weight_sync_between_cuda_tensors_is_bit_exact():
+    """Change detection, digests and apply on the GPU: one host sync for the counts, compaction on device."""
+    from sparsetron.sync.codec import bits_view
+    from sparsetron.sync.publisher import DeltaPublisher
+    from sparsetron.sync.subscriber import DeltaSubscriber
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    trainer = {f"w{i}": torch.randn(1 << 16, device="cuda", generator=generator).bfloat16() for i in range(3)}
+    publisher = DeltaPublisher(trainer)
+    rollout = DeltaSubscriber({k: torch.zeros_like(v) for k, v in trainer.items()})
+    rollout.apply(publisher.payloads_for(None), publisher.id)
+    for _ in range(3):
+        for tensor in trainer.values():
+            where = torch.randint(0, tensor.numel(), (600,), device="cuda", generator=generator)
+            bits_view(tensor)[where] += 1
+        publisher.publish()
+        rollout.apply(publisher.payloads_for(rollout.version), publisher.id)
+        assert all(torch.equal(bits_view(trainer[k]), bits_view(rollout.tensors[k])) for k in trainer)
