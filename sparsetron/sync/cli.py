@@ -143,7 +143,8 @@ def pull(
             )
             out.print(
                 f"version {report.from_version} -> {report.to_version}: {report.payload_bytes:,} bytes, "
-                f"{report.changed:,} changed elements, verify {report.verify_s * 1e3:.0f} ms, "
+                f"{report.changed:,} changed elements, transfer {report.transfer_s * 1e3:.0f} ms, "
+                f"decode {report.decode_s * 1e3:.0f} ms, verify {report.verify_s * 1e3:.0f} ms, "
                 f"apply {report.pause_s * 1e3:.0f} ms" + (" (anchor)" if report.anchored else ""),
                 highlight=False,
             )

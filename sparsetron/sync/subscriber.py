@@ -50,6 +50,7 @@ class ApplyReport:
     decode_s: float
     verify_s: float
     pause_s: float
+    transfer_s: float = 0.0  # request to last byte received (set by pull)
 
 
 def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -238,11 +239,15 @@ class DeltaSubscriber:
         for attempt in range(1, retries + 1):
             try:
                 have = None if self._reanchor else self.version
+                requested = time.perf_counter()
                 publisher, payloads = fetch_payloads(client, have, None if self._reanchor else self.publisher)
+                transfer_s = time.perf_counter() - requested
                 if publisher != self.publisher and self.publisher is not None:
                     log.info("publisher changed (%s -> %s): re-anchoring", self.publisher, publisher)
                 report = self.apply(payloads, publisher)
                 self._reanchor = False
+                if report is not None:
+                    report.transfer_s = transfer_s
                 return report
             except (SyncError, DeltaFormatError) as exc:
                 log.warning(
