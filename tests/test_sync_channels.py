@@ -70,9 +70,9 @@ def test_group_sync_keeps_rollout_ranks_bit_exact(ranks):
 
 def test_shared_memory_follower_applies_each_version_and_refuses_a_gap(tmp_path):
     name = f"sparsetron-test-{tmp_path.name[-12:]}"
-    publisher = DeltaPublisher(_weights(), keep=4, anchor_every=4)
+    publisher = DeltaPublisher(_weights(), keep=4)
     with ShmPublisher(f"{name}-d", keep=2) as deltas, ShmPublisher(f"{name}-a", keep=1) as anchors:
-        feed_shared_memory(publisher, deltas, anchors)
+        feed_shared_memory(publisher, deltas, anchors, anchor_every=4)
         with ShmSubscriber(f"{name}-d") as delta_feed, ShmSubscriber(f"{name}-a") as anchor_feed:
             follower = DeltaSubscriber({k: torch.zeros_like(v) for k, v in publisher.tensors.items()})
             assert follow_shared_memory(follower, delta_feed, anchor_feed) is None  # anchor applied, no delta
@@ -80,13 +80,13 @@ def test_shared_memory_follower_applies_each_version_and_refuses_a_gap(tmp_path)
             for step in (1, 2):
                 _step(publisher.tensors, step)
                 publisher.publish()
-                feed_shared_memory(publisher, deltas, anchors)
+                feed_shared_memory(publisher, deltas, anchors, anchor_every=4)
                 report = follow_shared_memory(follower, delta_feed, anchor_feed)
                 assert report.to_version == step and _same(follower.tensors, publisher.tensors)
             for step in (3, 4):  # the follower sleeps through two versions
                 _step(publisher.tensors, step)
                 publisher.publish()
-                feed_shared_memory(publisher, deltas, anchors)
+                feed_shared_memory(publisher, deltas, anchors, anchor_every=4)
             before = {k: v.clone() for k, v in follower.tensors.items()}
             with pytest.raises(VersionGap, match="holds version 4's delta but the subscriber is at 2"):
                 follow_shared_memory(follower, delta_feed, anchor_feed)

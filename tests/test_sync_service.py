@@ -71,7 +71,7 @@ def _fresh_like(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def test_subscribers_current_lagging_and_new_stay_bit_exact():
     state = _state()
-    publisher = DeltaPublisher(state, keep=6, anchor_every=5)
+    publisher = DeltaPublisher(state, keep=6)
     generator = torch.Generator().manual_seed(1)
     current = DeltaSubscriber(_fresh_like(state))
     lagging = {lag: DeltaSubscriber(_fresh_like(state)) for lag in (2, 3, 7)}
@@ -124,7 +124,7 @@ def test_corrupt_payloads_and_version_gaps_change_nothing():
 @pytest.fixture
 def served():
     state = _state(4)
-    publisher = DeltaPublisher(state, keep=4, anchor_every=4)
+    publisher = DeltaPublisher(state, keep=4)
     with SyncServer(publisher.handler, secret=SECRET) as server:
         yield state, publisher, server
 

@@ -5,7 +5,7 @@
   them (one version held by all: the delta or merge from it; mixed versions or a new member: the anchor
   path) and broadcasts the payloads (gloo on CPU, NCCL on GPUs).
 - :func:`feed_shared_memory` / :func:`follow_shared_memory` (colocated processes): the publisher writes each
-  version's delta, and every anchor, into two shared-memory channels; a follower applies the newest delta
+  version's delta, and a periodic snapshot, into two shared-memory channels; a follower applies the newest delta
   when it continues from its version, bootstraps from the newest anchor, and otherwise raises
   :class:`~sparsetron.sync.subscriber.VersionGap` (it fell more than a version behind: pull over TCP).
 """
@@ -52,10 +52,13 @@ def sync_over_group(
     return subscriber.apply(received, publisher_id)
 
 
-def feed_shared_memory(publisher: DeltaPublisher, deltas: ShmPublisher, anchors: ShmPublisher) -> None:
-    """After :meth:`DeltaPublisher.publish`: put the latest version's delta (and anchor, if it made one)."""
+def feed_shared_memory(
+    publisher: DeltaPublisher, deltas: ShmPublisher, anchors: ShmPublisher, *, anchor_every: int = 8
+) -> None:
+    """After :meth:`DeltaPublisher.publish`: put the latest version's delta, and every ``anchor_every``
+    versions (and at the first version fed) a snapshot for followers that start late."""
     latest = publisher.version
-    if publisher.store.anchor_version == latest:
+    if latest % anchor_every == 0 or anchors.latest is None:
         (anchor,) = publisher.payloads_for(None)
         anchors.put(latest, anchor)
     if latest > 0:

@@ -58,7 +58,6 @@ def serve(
     secret_file: SecretFile = None,
     poll: Annotated[float, typer.Option(help="Seconds between looks for a newer checkpoint.")] = 2.0,
     keep: Annotated[int, typer.Option(help="Versions kept for lagging subscribers.")] = 8,
-    anchor_every: Annotated[int, typer.Option(help="Full snapshot every N versions (≤ keep).")] = 8,
     versions: Annotated[
         int, typer.Option(help="Stop after publishing this many new versions (0: run on).")
     ] = 0,
@@ -75,7 +74,7 @@ def serve(
         time.sleep(poll)
         current = latest_checkpoint(checkpoints)
     tensors = read_checkpoint_model(current)
-    publisher = DeltaPublisher(tensors, keep=keep, anchor_every=anchor_every)
+    publisher = DeltaPublisher(tensors, keep=keep)
     with SyncServer(publisher.handler, secret=secret, host=host, port=port) as server:
         out.print(
             f"serving {current.name} as version 0 on {server.address[0]}:{server.address[1]}", highlight=False

@@ -2,7 +2,7 @@
 
 :class:`DeltaPublisher` finds the changed elements since the last version (:mod:`.tracker`), encodes them
 (:mod:`.codec`: positions gap / Elias–Fano / bitmap coded, values as bit-pattern differences, zstd), keeps the
-last versions and a periodic anchor (:mod:`.versions`), and answers pulls through :meth:`handler` (for
+last versions (:mod:`.versions`; snapshots for new subscribers are encoded on demand), and answers pulls through :meth:`handler` (for
 :class:`~sparsetron.sync.tcp.SyncServer`), :meth:`payloads_for` (any transport) or shared memory.
 
 Stream of a pull response (what :meth:`handler` yields): one JSON line ``{"publisher": id, "latest": v,
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import secrets
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,7 +41,6 @@ class PublishReport:
     dense_bf16_bytes: int
     detect_s: float
     encode_s: float
-    anchored: bool
 
     @property
     def changed_fraction(self) -> float:
@@ -55,14 +55,21 @@ class PublishReport:
         return 8 * self.payload_bytes / self.changed if self.changed else 0.0
 
 
-def _to_host(update: TensorUpdate) -> TensorUpdate:
+def _to_host(update: TensorUpdate, copy: bool = False) -> TensorUpdate:
+    """``update`` with host tensors (``copy``: never aliasing the source, even when it is on the host)."""
+
+    def host(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        return t.clone() if copy and t.device.type == "cpu" else t.cpu()
+
     return TensorUpdate(
         update.name,
         update.dtype,
         update.shape,
-        None if update.indices is None else update.indices.cpu(),
-        update.values.cpu(),
-        None if update.base is None else update.base.cpu(),
+        host(update.indices),
+        host(update.values),
+        host(update.base),
         update.digest,
     )
 
@@ -70,10 +77,10 @@ def _to_host(update: TensorUpdate) -> TensorUpdate:
 class DeltaPublisher:
     """Publishes versions of ``tensors`` (name → live tensor; the trainer keeps updating them in place).
 
-    Version 0 is published (as an anchor) at construction. ``keep``: versions retained for lagging
-    subscribers; ``anchor_every``: a full snapshot every that many versions (≤ ``keep``), so new subscribers
-    and long-lagging ones start from a recent one; ``level``/``threads``: zstd settings. Not collective:
-    call it on the process that holds the full tensors.
+    The tensors as given are version ``first_version``. ``keep``: versions retained for lagging
+    subscribers (a subscriber further behind, or a new one, gets an anchor: a snapshot of the latest
+    version encoded on demand); ``level``/``threads``: zstd settings. Not collective: call it on the process
+    that holds the full tensors. :meth:`publish` and pulls (from server threads) may run concurrently.
     """
 
     def __init__(
@@ -81,35 +88,25 @@ class DeltaPublisher:
         tensors: dict[str, torch.Tensor],
         *,
         keep: int = 8,
-        anchor_every: int = 8,
         level: int = 3,
         threads: int = 0,
         first_version: int = 0,
     ) -> None:
-        if not 1 <= anchor_every <= keep:
-            raise ValueError(
-                f"anchor_every={anchor_every} must be within [1, keep={keep}] so an anchor is always retained"
-            )
         self.tensors = tensors
-        self.anchor_every, self.level, self.threads = anchor_every, level, threads
+        self.level, self.threads = level, threads
         self.id = secrets.token_hex(8)
         self.tracker = ChangeTracker(tensors)
-        self.store = VersionStore(keep=keep, level=level, threads=threads)
         self.total = sum(t.numel() for t in tensors.values())
         self.version = first_version
-        self._anchor()
-
-    def _anchor(self) -> int:
-        payload = encode(
-            [_to_host(u) for u in self.tracker.snapshot()],
-            version=self.version,
-            base_version=None,
-            anchor=True,
-            level=self.level,
-            threads=self.threads,
+        self._lock = threading.Lock()
+        self.store = VersionStore(
+            self._snapshot, first_version=first_version, keep=keep, level=level, threads=threads
         )
-        self.store.set_anchor(self.version, payload)
-        return len(payload)
+
+    def _snapshot(self) -> tuple[int, list[TensorUpdate]]:
+        """The latest version, dense, on the host: copied under the lock so a concurrent publish cannot tear it."""
+        with self._lock:
+            return self.version, [_to_host(u, copy=True) for u in self.tracker.snapshot()]
 
     @torch.no_grad()
     def publish(self) -> PublishReport:
@@ -123,16 +120,14 @@ class DeltaPublisher:
             host, version=version, base_version=self.version, level=self.level, threads=self.threads
         )
         encoded = time.perf_counter()
-        self.tracker.commit(updates)
         # Merges send raw newest bits; only the one-version delta needs the old bits.
         changes = {
             u.name: TensorUpdate(u.name, u.dtype, u.shape, u.indices, u.values, None, u.digest) for u in host
         }
-        self.store.add(RetainedVersion(version, changes, payload))
-        self.version = version
-        anchored = version % self.anchor_every == 0
-        if anchored:
-            self._anchor()
+        with self._lock:  # a snapshot for an anchor sees the versions before or after, never between
+            self.tracker.commit(updates)
+            self.store.add(RetainedVersion(version, changes, payload))
+            self.version = version
         changed = sum(u.indices.numel() for u in host)
         return PublishReport(
             version=version,
@@ -142,7 +137,6 @@ class DeltaPublisher:
             dense_bf16_bytes=2 * self.total,
             detect_s=detected - started,
             encode_s=encoded - detected,
-            anchored=anchored,
         )
 
     def payloads_for(self, have: int | None) -> list[bytes]:

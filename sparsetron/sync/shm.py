@@ -126,6 +126,11 @@ class ShmPublisher:
             ) from exc
         self._write_control(_State(-1, 0, 0, False, ""))
 
+    @property
+    def latest(self) -> int | None:
+        """The newest version put, or None."""
+        return self._segments[-1][0] if self._segments else None
+
     def put(self, version: int, payload: bytes | memoryview) -> None:
         """Publish ``payload`` as ``version`` (which must exceed every earlier one); readers see it at once."""
         if self._control is None:

@@ -1,13 +1,15 @@
 """What the publisher keeps and what it sends a subscriber at version ``have``.
 
 Retained: the last ``keep`` versions' changes (positions and new bits, on the host) with their encoded delta
-payloads, and the newest anchor (a full snapshot, encoded). A subscriber
+payloads. A subscriber
 
 - at the latest version gets nothing;
 - one version behind gets that version's delta (values diff-coded against the bits it holds);
 - several versions behind, within the retained window, gets one merged delta (the union of positions with
   their newest bits), built on demand and cached;
-- new, or behind the window, gets the anchor plus a merged delta from the anchor to the latest version.
+- new, or behind the window, gets an anchor: a full snapshot of the latest version, built on demand from the
+  publisher's copy and cached until the next version. Anchors cost O(model) to encode, so none is made
+  unless someone needs one.
 
 Every payload names its base version, so a subscriber applies only what fits what it holds.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,36 +64,37 @@ def merge_changes(chain: list[dict[str, TensorUpdate]]) -> list[TensorUpdate]:
 
 
 class VersionStore:
-    """Thread-safe store of retained versions and the newest anchor; :meth:`plan` answers subscribers.
+    """Thread-safe store of retained versions; :meth:`plan` answers subscribers.
 
-    ``keep``: versions whose changes are retained (a subscriber further behind is re-anchored).
-    ``level`` / ``threads``: zstd settings for merged payloads.
+    ``snapshot()`` returns ``(version, dense updates)`` of the publisher's latest version, consistently
+    (the publisher takes them under its own lock). ``keep``: versions whose changes are retained (a
+    subscriber further behind is re-anchored). ``level`` / ``threads``: zstd settings of merges and anchors.
     """
 
-    def __init__(self, *, keep: int = 8, level: int = 3, threads: int = 0) -> None:
+    def __init__(
+        self,
+        snapshot: Callable[[], tuple[int, list[TensorUpdate]]],
+        *,
+        first_version: int = 0,
+        keep: int = 8,
+        level: int = 3,
+        threads: int = 0,
+    ) -> None:
         if keep < 1:
             raise ValueError(
                 f"keep={keep} must be ≥ 1 (versions of changes retained for lagging subscribers)"
             )
-        self.keep, self.level, self.threads = keep, level, threads
+        self.snapshot, self.keep, self.level, self.threads = snapshot, keep, level, threads
         self._lock = threading.Lock()
         self._versions: OrderedDict[int, RetainedVersion] = OrderedDict()
         self._anchor: tuple[int, bytes] | None = None
         self._merged: dict[tuple[int, int], bytes] = {}
-        self.latest: int | None = None
-
-    def set_anchor(self, version: int, payload: bytes) -> None:
-        """Record the full snapshot of ``version`` (must be the latest version)."""
-        with self._lock:
-            if self.latest is not None and version != self.latest:
-                raise ValueError(f"anchor of version {version} but the latest is {self.latest}")
-            self._anchor = (version, payload)
-            self.latest = version
+        self.latest = first_version
 
     def add(self, retained: RetainedVersion) -> None:
         """Append the next version (``latest + 1``); drops versions beyond ``keep`` and stale merges."""
         with self._lock:
-            if self.latest is None or retained.version != self.latest + 1:
+            if retained.version != self.latest + 1:
                 raise ValueError(f"version {retained.version} does not follow the latest {self.latest}")
             self._versions[retained.version] = retained
             self.latest = retained.version
@@ -98,16 +102,10 @@ class VersionStore:
                 self._versions.popitem(last=False)
             self._merged.clear()  # every merge ended at the previous latest
 
-    @property
-    def anchor_version(self) -> int | None:
-        return self._anchor[0] if self._anchor else None
-
     def plan(self, have: int | None) -> list[bytes]:
         """Payloads that take a subscriber at ``have`` (None: nothing yet) to the latest version, in order."""
         with self._lock:
             latest = self.latest
-            if latest is None:
-                return []
             if have is not None and have > latest:
                 raise ValueError(
                     f"subscriber claims version {have} but the publisher's latest is {latest}: the trainer "
@@ -117,17 +115,17 @@ class VersionStore:
                 return []
             if have is not None and self._retained_from(have):
                 return [self._delta(have, latest)]
-            if self._anchor is None:
-                raise RuntimeError("no anchor published yet; publish one before serving new subscribers")
-            anchor_version, anchor = self._anchor
-            if anchor_version == latest:
-                return [anchor]
-            if not self._retained_from(anchor_version):
-                raise RuntimeError(
-                    f"the anchor (version {anchor_version}) is older than the retained window; anchor more "
-                    "often than every `keep` versions"
-                )
-            return [anchor, self._delta(anchor_version, latest)]
+            if self._anchor is not None and self._anchor[0] == latest:
+                return [self._anchor[1]]
+        # Encoding a snapshot is O(model): done outside the lock, so publishing and other pulls go on.
+        version, dense = self.snapshot()
+        payload = encode(
+            dense, version=version, base_version=None, anchor=True, level=self.level, threads=self.threads
+        )
+        with self._lock:
+            if self._anchor is None or self._anchor[0] < version:
+                self._anchor = (version, payload)
+        return [payload]
 
     def _retained_from(self, have: int) -> bool:
         return all(v in self._versions for v in range(have + 1, self.latest + 1))
