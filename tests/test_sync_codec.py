@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import struct
+import zlib
 
 import numpy as np
 import pytest
 import torch
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -302,7 +304,8 @@ def test_bad_index_streams_with_valid_crcs_are_rejected(monkeypatch, steps, matc
     # The encoder writes whatever the index coder returns and CRCs it, so this crafts a well-formed payload
     # that carries bad indices.
     gaps = INDEX_CODINGS.index("gaps")
-    monkeypatch.setattr(codec, "_encode_indices", lambda indices, prev_last: (gaps, _varints(steps)))
+    stream = torch.tensor(list(_varints(steps)), dtype=torch.uint8)
+    monkeypatch.setattr(codec, "_encode_indices", lambda *args: (gaps, stream))
     update = TensorUpdate("w", torch.float32, (100,), torch.tensor([3, 5]), torch.zeros(2, dtype=torch.int32))
     payload = encode([update], version=1, base_version=None, level=1)
     with pytest.raises(DeltaFormatError, match=f"tensor 'w' bucket 0: .*{match}"):
@@ -355,3 +358,186 @@ def test_cuda_inputs_roundtrip():
     )
     _, (decoded,) = decode(encode([on_gpu], version=2, base_version=1), current={"w": current.cuda()})
     assert torch.equal(decoded.indices, update.indices) and torch.equal(decoded.values, update.values)
+
+
+# ------------------------------------------------------------------------ reference encoder (byte identity)
+# Every stream written out from the format's definition (module docstring), one element at a time where that
+# is clearest, to check that the vectorised torch encoder produces exactly these bytes.
+
+
+def _ref_bits(bits: np.ndarray) -> bytes:
+    """0/1 array → bytes, bit j = bit j % 8 of byte j // 8 (trailing bits of the last byte zero)."""
+    return np.packbits(bits.astype(np.uint8), bitorder="little").tobytes()
+
+
+def _ref_index_stream(indices: list[int], prev_last: int) -> tuple[int, bytes]:
+    """(coding id, stream) of one bucket: all three codings built, the shortest wins (ties: earlier one)."""
+    gaps = [b - a - 1 for a, b in zip([prev_last, *indices], indices, strict=False)]
+    prefix = _varints(gaps[:1])
+    offsets = np.array(indices, dtype=np.int64) - indices[0]
+    count, span = len(indices), indices[-1] - indices[0]
+    best_low, best_size = 0, None
+    for low in range(min(32, span.bit_length()) + 1):  # low-part bytes + unary bytes, smallest low on ties
+        size = -(-count * low // 8) + -(-(count + (span >> low)) // 8)
+        if best_size is None or size < best_size:
+            best_low, best_size = low, size
+    sizes = [len(_varints(gaps)), len(prefix) + 1 + best_size, len(prefix) + (span + 8) // 8]
+    coding = sizes.index(min(sizes))  # first shortest: ties go to gaps, then Elias–Fano; only it is built
+    if coding == 0:
+        return INDEX_CODINGS.index("gaps"), _varints(gaps)
+    if coding == 1:
+        low_bits = (offsets[:, None] >> np.arange(best_low)) & 1  # value i's bit b at stream bit i·L + b
+        unary = np.zeros(count + (span >> best_low), dtype=np.uint8)
+        unary[(offsets >> best_low) + np.arange(count)] = 1
+        ef = bytes([best_low]) + _ref_bits(low_bits.reshape(-1)) + _ref_bits(unary)
+        return INDEX_CODINGS.index("elias_fano"), prefix + ef
+    bitmap = np.zeros(span + 1, dtype=np.uint8)
+    bitmap[offsets] = 1
+    return INDEX_CODINGS.index("bitmap"), prefix + _ref_bits(bitmap)
+
+
+def _ref_planes(patterns: list[int], width: int) -> bytes:
+    """Byte planes of unsigned ``width``-byte ints: every element's byte 0, then byte 1 …"""
+    return bytes((p >> (8 * plane)) & 0xFF for plane in range(width) for p in patterns)
+
+
+def _ref_compress(raw: bytes, level: int) -> tuple[int, bytes]:
+    packed = zstandard.ZstdCompressor(level=level).compress(raw) if raw else raw
+    return (1, packed) if raw and len(packed) < len(raw) else (0, raw)
+
+
+def _ref_encode(
+    updates: list[TensorUpdate], version: int, base_version: int | None, level: int, bucket: int
+) -> bytes:
+    """The payload, from the layout in the codec's module docstring."""
+    records, bodies = [], []
+    for update in updates:
+        width = update.values.element_size()
+        bits = 8 * width
+        new = [v % (1 << bits) for v in update.values.tolist()]  # unsigned patterns
+        base = None if update.base is None else [v % (1 << bits) for v in update.base.tolist()]
+        indices = None if update.indices is None else update.indices.tolist()
+        rows = []
+        for first in range(0, len(new), bucket):
+            end = min(first + bucket, len(new))
+            index_coding, index_raw = 0, b""
+            if indices is not None:
+                prev_last = -1 if first == 0 else indices[first - 1]
+                index_coding, index_raw = _ref_index_stream(indices[first:end], prev_last)
+            index_compressor, index_stored = (
+                _ref_compress(index_raw, level) if indices is not None else (0, b"")
+            )
+            value_raw = _ref_planes(new[first:end], width)
+            value_coding, (value_compressor, value_stored) = 0, _ref_compress(value_raw, level)
+            if base is not None:
+                diffs = [(n - b) % (1 << bits) for n, b in zip(new[first:end], base[first:end], strict=True)]
+                signed = [d - (1 << bits) if d >= 1 << (bits - 1) else d for d in diffs]
+                zigzag = [2 * d if d >= 0 else -2 * d - 1 for d in signed]
+                compressor, stored = _ref_compress(_ref_planes(zigzag, width), level)
+                if len(stored) < len(value_stored):
+                    value_coding, value_compressor, value_stored = 1, compressor, stored
+            crc = zlib.crc32(index_stored + value_stored)
+            fields = (first, end - first, index_coding, value_coding, index_compressor, value_compressor)
+            lengths = (len(index_raw), len(value_raw), len(index_stored), len(value_stored))
+            rows.append(struct.pack("<QQBBBBQQQQI", *fields, *lengths, crc))
+            bodies += [index_stored, value_stored]
+        name = update.name.encode()
+        records.append(
+            struct.pack("<H", len(name)) + name
+            + struct.pack("<BB", DTYPES.index(update.dtype), len(update.shape))
+            + b"".join(struct.pack("<Q", d) for d in update.shape)
+            + struct.pack("<BQQI", indices is None, len(new), update.digest, len(rows)) + b"".join(rows)
+        )  # fmt: skip
+    header_len = struct.calcsize("<4sHBQQIQI") + sum(map(len, records)) + 4
+    total = header_len + sum(map(len, bodies))
+    wire_base = (1 << 64) - 1 if base_version is None else base_version
+    header = struct.pack("<4sHBQQIQI", b"STSD", 1, 0, version, wire_base, len(updates), total, header_len)
+    header += b"".join(records)
+    return header + struct.pack("<I", zlib.crc32(header)) + b"".join(bodies)
+
+
+def _assert_matches_reference(
+    updates: list[TensorUpdate], bucket_elements: int, level: int = 3, threads: int = 0
+):
+    base_version = 4 if any(u.base is not None for u in updates) else None
+    payload = encode(
+        updates,
+        version=5,
+        base_version=base_version,
+        level=level,
+        bucket_elements=bucket_elements,
+        threads=threads,
+    )
+    assert payload == _ref_encode(updates, 5, base_version, level, bucket_elements)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("density", [1e-4, 1e-3, 0.01, 0.1, 0.5, 0.9, 1.0, None])
+@pytest.mark.parametrize("bucket_elements", [1, 37, 4096])
+def test_payload_bytes_match_reference(dtype, density, bucket_elements):
+    rng = np.random.default_rng(11)
+    update, _ = _update(rng, dtype, (1 << 14,), density, with_base=DTYPES.index(dtype) % 2 == 0)
+    if bucket_elements == 1 and update.values.numel() > 2000:
+        bucket_elements = 997  # keeps the per-element reference quick; 1 is covered at low densities
+    _assert_matches_reference([update], bucket_elements)
+
+
+def test_payload_bytes_match_reference_for_all_index_codings_and_threads():
+    # Clustered far-apart runs (gaps win), uniform sparse (Elias–Fano), half dense (bitmap), varints of up
+    # to 9 bytes, a dense tensor and an empty one, in one payload compressed by a pool.
+    rng = np.random.default_rng(12)
+    runs = [
+        s + np.sort(rng.choice(3000, size=700, replace=False)) for s in (0, 10**6, 10**12, (1 << 62) - 4000)
+    ]
+    layouts = [
+        (np.concatenate(runs), 1 << 62),
+        (np.sort(rng.choice(1 << 20, size=3000, replace=False)), 1 << 20),
+        (np.flatnonzero(rng.random(20000) < 0.5), 20000),
+        (np.array([0, 127, 128 + 127, (1 << 40), (1 << 62) + 5]), (1 << 62) + 6),
+    ]
+    updates = []
+    for position, (indices, numel) in enumerate(layouts):
+        values = _random_bits(rng, torch.float32, indices.size)
+        base = values + torch.from_numpy(rng.integers(-2, 3, size=indices.size).astype(np.int32))
+        updates.append(
+            TensorUpdate(
+                f"t{position}",
+                torch.float32,
+                (numel,),
+                torch.from_numpy(indices.astype(np.int64)),
+                values,
+                base,
+            )
+        )
+    dense, _ = _update(rng, torch.bfloat16, (3, 50), None, with_base=True)
+    empty, _ = _update(rng, torch.int8, (40,), 0.0, with_base=False)
+    updates += [dense, empty]
+    assert {INDEX_CODINGS[coding] for u in updates[:4] for coding in _ref_codings(u, 997)} == {
+        "gaps",
+        "elias_fano",
+        "bitmap",
+    }
+    for threads in (0, 3):
+        _assert_matches_reference(updates, bucket_elements=997, level=1, threads=threads)
+
+
+def _ref_codings(update: TensorUpdate, bucket: int) -> list[int]:
+    indices = update.indices.tolist()
+    return [
+        _ref_index_stream(indices[first : first + bucket], indices[first - 1] if first else -1)[0]
+        for first in range(0, len(indices), bucket)
+    ]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    dtype=st.sampled_from(DTYPES),
+    numel=st.integers(0, 3000),
+    density=st.sampled_from([None, 1e-3, 0.05, 0.5, 1.0]),
+    with_base=st.booleans(),
+    bucket_elements=st.sampled_from([1, 5, 300, 1 << 22]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_payload_bytes_match_reference_property(dtype, numel, density, with_base, bucket_elements, seed):
+    update, _ = _update(np.random.default_rng(seed), dtype, (numel,), density, with_base)
+    _assert_matches_reference([update], bucket_elements)

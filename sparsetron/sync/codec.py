@@ -31,14 +31,19 @@ whichever coding is exactly smallest for the bucket:
 Value streams hold ``raw`` bit patterns or the ``diff`` new − base (wrapping in the element width, zig-zag
 mapped, so a few ulps become small integers), byte-plane shuffled (every element's low byte, then the next
 byte …) because the high planes are near-constant. Each stream is zstd-compressed only when that shrinks it.
+
+Encoding does its per-element work (gaps, varints, Elias–Fano, bitmaps, zig-zag, byte planes) in torch on the
+update's own device, so from a GPU only the coded streams cross to the host, where zstd runs. Decoding is numpy.
 """
 
 from __future__ import annotations
 
+import itertools
 import struct
 import zlib
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import astuple, dataclass
 from functools import partial
 
@@ -79,10 +84,11 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
 _BITS_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_SIGNED_DTYPES = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _NP_SIGNED = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 _NP_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-# Values ≥ threshold k need k + 2 varint bytes.
-_VARINT_THRESHOLDS = np.array([1 << (7 * k) for k in range(1, 10)], dtype=np.uint64)
+# A non-negative int64 needs 1 + (number of these it is ≥) varint bytes (2**63 and up do not fit int64).
+_VARINT_STEPS = tuple(1 << (7 * k) for k in range(1, 9))
 
 
 class DeltaFormatError(ValueError):
@@ -119,27 +125,28 @@ class DeltaHeader:
 
 
 @dataclass
-class _Host:
-    """A validated update on the host: numpy unsigned bit patterns, int64 indices or None."""
+class _Checked:
+    """A validated update, still on its device: contiguous int64 indices or None, same-width bit patterns."""
 
     name: str
     dtype_id: int
     shape: tuple[int, ...]
-    indices: np.ndarray | None
-    values: np.ndarray
-    base: np.ndarray | None
+    indices: torch.Tensor | None
+    values: torch.Tensor
+    base: torch.Tensor | None
     digest: int
 
 
 @dataclass
-class _Job:
-    """One bucket to encode: its first element ordinal, index slice, the previous index, values, base."""
+class _Coded:
+    """One bucket's uncompressed streams on the host: index (None when dense), raw values, diff values."""
 
     first: int
-    indices: np.ndarray | None
-    prev_last: int
-    values: np.ndarray
-    base: np.ndarray | None
+    count: int
+    index_coding: int
+    index: memoryview | None
+    raw: memoryview
+    diff: memoryview | None
 
 
 @dataclass
@@ -204,25 +211,37 @@ def from_bits(bits: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) ->
 # ---------------------------------------------------------------------------------------------- varints
 
 
-def _varint_lengths(v: np.ndarray) -> np.ndarray:
-    """Bytes each of ``v`` (uint64 [n]) takes as a LEB128 varint, int64 [n]."""
-    return np.searchsorted(_VARINT_THRESHOLDS, v, side="right") + 1
-
-
-def _varint_encode(v: np.ndarray, lengths: np.ndarray) -> bytes:
-    """``v`` (uint64 [n]) as concatenated LEB128 varints; ``lengths`` from :func:`_varint_lengths`."""
-    if v.size == 0:
-        return b""
-    positions = np.arange(int(lengths.max()))
-    groups = ((v[:, None] >> (positions.astype(np.uint64) * np.uint64(7))) & np.uint64(0x7F)).astype(np.uint8)
-    groups[positions[None, :] < lengths[:, None] - 1] |= 0x80
-    return groups[positions[None, :] < lengths[:, None]].tobytes()
-
-
 def _varint(value: int) -> bytes:
     """One non-negative int as a LEB128 varint."""
-    v = np.array([value], dtype=np.uint64)
-    return _varint_encode(v, _varint_lengths(v))
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _varint_lengths(v: torch.Tensor) -> torch.Tensor:
+    """Bytes each of ``v`` (non-negative int64 [n]) takes as a LEB128 varint, int64 [n]."""
+    steps = torch.tensor(_VARINT_STEPS, dtype=torch.int64, device=v.device)
+    return torch.searchsorted(steps, v, right=True) + 1
+
+
+def _varint_stream(v: torch.Tensor, lengths: torch.Tensor, total: int, longest: int) -> torch.Tensor:
+    """uint8 [total]: ``v`` (non-negative int64 [n]) as concatenated LEB128 varints, on ``v``'s device.
+
+    ``lengths`` from :func:`_varint_lengths`, ``total`` their sum and ``longest`` ≥ their max (host ints).
+    Byte ``k`` of value ``i`` is scattered to its offset + ``k``; values shorter than ``k + 1`` bytes write
+    into a spare last byte instead, which is dropped.
+    """
+    out = torch.empty(total + 1, dtype=torch.uint8, device=v.device)
+    offsets = torch.cumsum(lengths, 0) - lengths
+    for k in range(longest):
+        group = (v >> (7 * k)) & 0x7F
+        more = (lengths > k + 1).to(torch.int64) << 7
+        target = torch.where(lengths > k, offsets + k, total)
+        out[target] = (group | more).to(torch.uint8)
+    return out[:total]
 
 
 def _varint_decode(buf: np.ndarray, count: int, where: str) -> np.ndarray:
@@ -266,33 +285,69 @@ def _ef_layout(count: int, span: int) -> tuple[int, int]:
     return low, size
 
 
-def _encode_indices(indices: np.ndarray, prev_last: int) -> tuple[int, bytes]:
-    """(coding id, stream) for a bucket's int64 [n ≥ 1] strictly increasing indices; smallest coding wins."""
-    gaps = np.empty(indices.size, dtype=np.uint64)
-    gaps[0] = indices[0] - prev_last - 1
-    gaps[1:] = np.diff(indices) - 1
+def _pack_bit_array(bits: torch.Tensor) -> torch.Tensor:
+    """uint8 [n / 8]: LSB-first packing of ``bits`` (uint8 0/1 [n], n a multiple of 8)."""
+    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
+    return (bits.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def _index_summary(indices: torch.Tensor, starts: list[int], bucket_elements: int) -> tuple:
+    """Per-tensor index quantities on the device plus the per-bucket numbers the coding choice needs.
+
+    Returns (gaps int64 [M], varint lengths int64 [M], longest varint, rows) where ``rows[b]`` is bucket
+    ``b``'s (first index, last index, first gap, gap-stream bytes), all read back in one device sync.
+    A bucket's first gap is relative to the previous bucket's last index, so the whole tensor's gaps are one
+    difference with −1 before the first index.
+    """
+    device = indices.device
+    count = indices.numel()
+    gaps = torch.diff(indices, prepend=indices.new_full((1,), -1)) - 1
     lengths = _varint_lengths(gaps)
-    prefix = _varint(int(gaps[0]))
-    span = int(indices[-1] - indices[0])
-    low, ef_bytes = _ef_layout(indices.size, span)
-    sizes = [int(lengths.sum()), len(prefix) + 1 + ef_bytes, len(prefix) + (span + 1 + 7) // 8]
-    coding = (_IDX_GAPS, _IDX_EF, _IDX_BITMAP)[int(np.argmin(sizes))]
+    ends = torch.tensor([min(s + bucket_elements, count) for s in starts], device=device)
+    firsts = torch.tensor(starts, device=device)
+    bytes_before = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
+    summary = torch.stack(
+        [indices[firsts], indices[ends - 1], gaps[firsts], bytes_before[ends] - bytes_before[firsts]]
+    )
+    flat = torch.cat([summary.t().reshape(-1), lengths.max().view(1)]).tolist()
+    return gaps, lengths, flat[-1], [flat[4 * b : 4 * b + 4] for b in range(len(starts))]
+
+
+def _encode_indices(
+    indices: torch.Tensor, gaps: torch.Tensor, lengths: torch.Tensor, longest: int, row: list[int]
+) -> tuple[int, torch.Tensor]:
+    """(coding id, uint8 stream on the indices' device) for one bucket's int64 [n ≥ 1] increasing indices.
+
+    ``gaps``/``lengths`` are the bucket's slices of :func:`_index_summary`'s, ``row`` its summary row. The
+    coding whose exact size is smallest wins (ties: gaps, then Elias–Fano).
+    """
+    first_index, last_index, first_gap, gap_bytes = row
+    count = indices.numel()
+    prefix = _varint(first_gap)
+    span = last_index - first_index
+    low, ef_bytes = _ef_layout(count, span)
+    sizes = [gap_bytes, len(prefix) + 1 + ef_bytes, len(prefix) + (span + 1 + 7) // 8]
+    coding = (_IDX_GAPS, _IDX_EF, _IDX_BITMAP)[sizes.index(min(sizes))]
     if coding == _IDX_GAPS:
-        return coding, _varint_encode(gaps, lengths)
-    offsets = indices - indices[0]
+        return coding, _varint_stream(gaps, lengths, gap_bytes, longest)
+    device = indices.device
+    offsets = indices - indices[:1]
     if coding == _IDX_EF:
-        return coding, prefix + _U8.pack(low) + _ef_encode(offsets, low, span)
-    bitmap = np.zeros(span + 1, dtype=np.uint8)
-    bitmap[offsets] = 1
-    return coding, prefix + np.packbits(bitmap, bitorder="little").tobytes()
+        head = torch.tensor([*prefix, low], dtype=torch.uint8, device=device)
+        return coding, torch.cat([head, _ef_encode(offsets, low, span)])
+    bits = torch.zeros(-(-(span + 1) // 8) * 8, dtype=torch.uint8, device=device)
+    bits[offsets] = 1
+    head = torch.tensor(list(prefix), dtype=torch.uint8, device=device)
+    return coding, torch.cat([head, _pack_bit_array(bits)])
 
 
-def _ef_encode(offsets: np.ndarray, low: int, span: int) -> bytes:
+def _ef_encode(offsets: torch.Tensor, low: int, span: int) -> torch.Tensor:
     """Low ``low`` bits of each offset (int64 [n], increasing, ≤ span) packed, then the unary high parts."""
-    low_part = pack_bits(torch.from_numpy(offsets & ((1 << low) - 1)), low).numpy().tobytes()
-    unary = np.zeros(offsets.size + (span >> low), dtype=np.uint8)
-    unary[(offsets >> low) + np.arange(offsets.size)] = 1
-    return low_part + np.packbits(unary, bitorder="little").tobytes()
+    count = offsets.numel()
+    low_part = pack_bits(offsets & ((1 << low) - 1), low)
+    unary = torch.zeros(-(-(count + (span >> low)) // 8) * 8, dtype=torch.uint8, device=offsets.device)
+    unary[(offsets >> low) + torch.arange(count, device=offsets.device)] = 1
+    return torch.cat([low_part, _pack_bit_array(unary)])
 
 
 def _decode_indices(coding: int, stream: np.ndarray, count: int, prev_last: int, where: str) -> np.ndarray:
@@ -342,10 +397,13 @@ def _ef_decode(stream: np.ndarray, count: int, where: str) -> np.ndarray:
 # ----------------------------------------------------------------------------------------- value coding
 
 
-def _shuffle(u: np.ndarray) -> bytes:
-    """Byte planes of ``u`` (unsigned [n]), little-endian: every low byte first, then the next byte …"""
-    little = u.astype(u.dtype.newbyteorder("<"), copy=False)
-    return little.view(np.uint8).reshape(-1, u.itemsize).T.tobytes()
+def _shuffle(bits: torch.Tensor) -> torch.Tensor:
+    """uint8 byte planes of ``bits`` (contiguous same-width int [n]): every low byte first, then the next …
+
+    Reads the tensor's memory as little-endian, as every torch device (x86, ARM, CUDA) stores it.
+    """
+    width = bits.element_size()
+    return bits.view(torch.uint8).view(-1, width).t().reshape(-1)
 
 
 def _unshuffle(buf: np.ndarray, count: int, width: int) -> np.ndarray:
@@ -356,11 +414,11 @@ def _unshuffle(buf: np.ndarray, count: int, width: int) -> np.ndarray:
     )
 
 
-def _zigzag(new: np.ndarray, base: np.ndarray) -> np.ndarray:
+def _zigzag(new: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """(new − base) wrapped in the width, zig-zag mapped so small ± differences become small unsigned ints."""
-    signed = _NP_SIGNED[new.itemsize]
-    diff = new.view(signed) - base.view(signed)  # numpy integer arrays wrap on overflow
-    return ((diff << 1) ^ (diff >> (8 * new.itemsize - 1))).view(new.dtype)
+    signed = _SIGNED_DTYPES[new.element_size()]
+    diff = new.view(signed) - base.view(signed)  # torch integer arithmetic wraps on overflow
+    return (diff << 1) ^ (diff >> (8 * new.element_size() - 1))
 
 
 def _unzigzag(coded: np.ndarray, base: np.ndarray) -> np.ndarray:
@@ -370,7 +428,7 @@ def _unzigzag(coded: np.ndarray, base: np.ndarray) -> np.ndarray:
     return base + diff  # unsigned wrap-around undoes the wrapped subtraction
 
 
-def _compress(raw: bytes, level: int) -> tuple[int, bytes]:
+def _compress(raw: memoryview, level: int) -> tuple[int, bytes | memoryview]:
     """(compressor id, stored bytes): zstd only when it is smaller than ``raw``."""
     if raw:
         packed = zstandard.ZstdCompressor(level=level).compress(raw)
@@ -379,35 +437,67 @@ def _compress(raw: bytes, level: int) -> tuple[int, bytes]:
     return _STORED, raw
 
 
-def _encode_values(values: np.ndarray, base: np.ndarray | None, level: int) -> tuple[int, int, int, bytes]:
-    """(value coding, compressor, raw length, stored bytes); diff only if base is given and it is smaller."""
-    raw = _shuffle(values)
-    best = (_VAL_RAW, *_compress(raw, level))
-    if base is not None:
-        diff = (_VAL_DIFF, *_compress(_shuffle(_zigzag(values, base)), level))
-        if len(diff[2]) < len(best[2]):
-            best = diff
-    coding, compressor, stored = best
-    return coding, compressor, len(raw), stored
+def _code_tensor(update: _Checked, bucket_elements: int) -> list[_Coded]:
+    """Every bucket's uncompressed streams, coded on the update's device and copied to the host in one go."""
+    count = update.values.numel()
+    starts = list(range(0, count, bucket_elements))
+    if not starts:
+        return []
+    indices, values = update.indices, update.values
+    zigzag = None if update.base is None else _zigzag(values, update.base)
+    summary = None if indices is None else _index_summary(indices, starts, bucket_elements)
+    pieces, layout = [], []
+    for bucket, first in enumerate(starts):
+        end = min(first + bucket_elements, count)
+        coding = _IDX_NONE
+        if summary is not None:
+            gaps, lengths, longest, rows = summary
+            part = slice(first, end)
+            coding, stream = _encode_indices(indices[part], gaps[part], lengths[part], longest, rows[bucket])
+            pieces.append(stream.to(values.device))
+        pieces.append(_shuffle(values[first:end]))
+        if zigzag is not None:
+            pieces.append(_shuffle(zigzag[first:end]))
+        layout.append((first, end - first, coding))
+    host = memoryview(torch.cat(pieces).cpu().numpy())
+    bounds = [0, *itertools.accumulate(p.numel() for p in pieces)]
+    views = iter(host[a:b] for a, b in itertools.pairwise(bounds))
+    return [
+        _Coded(
+            first,
+            size,
+            coding,
+            None if coding == _IDX_NONE else next(views),
+            next(views),
+            None if zigzag is None else next(views),
+        )
+        for first, size, coding in layout
+    ]
 
 
-def _encode_bucket(job: _Job, level: int) -> tuple[_Bucket, bytes, bytes]:
-    """Code and compress one bucket: (header fields, stored index stream, stored value stream)."""
-    index_coding, index_raw, index_compressor, index_stored = _IDX_NONE, 0, _STORED, b""
-    if job.indices is not None:
-        index_coding, raw = _encode_indices(job.indices, job.prev_last)
-        index_raw = len(raw)
-        index_compressor, index_stored = _compress(raw, level)
-    value_coding, value_compressor, value_raw, value_stored = _encode_values(job.values, job.base, level)
+def _compress_bucket(coded: _Coded, level: int, width: int) -> tuple[_Bucket, bytes, bytes]:
+    """Compress one coded bucket: (header fields, stored index stream, stored value stream).
+
+    Values are sent diff-coded only when a base was given and its stored stream is strictly smaller.
+    """
+    index_raw, index_compressor, index_stored = 0, _STORED, b""
+    if coded.index is not None:
+        index_raw = len(coded.index)
+        index_compressor, index_stored = _compress(coded.index, level)
+    value_coding, (value_compressor, value_stored) = _VAL_RAW, _compress(coded.raw, level)
+    if coded.diff is not None:
+        diff = _compress(coded.diff, level)
+        if len(diff[1]) < len(value_stored):
+            value_coding, (value_compressor, value_stored) = _VAL_DIFF, diff
     bucket = _Bucket(
-        first=job.first,
-        count=job.values.size,
-        index_coding=index_coding,
+        first=coded.first,
+        count=coded.count,
+        index_coding=coded.index_coding,
         value_coding=value_coding,
         index_compressor=index_compressor,
         value_compressor=value_compressor,
         index_raw=index_raw,
-        value_raw=value_raw,
+        value_raw=coded.count * width,
         index_stored=len(index_stored),
         value_stored=len(value_stored),
         crc=zlib.crc32(value_stored, zlib.crc32(index_stored)),
@@ -436,42 +526,43 @@ def _check_shape(name: str, shape: object) -> tuple[int, ...]:
     return dims
 
 
-def _host_bits(name: str, field: str, t: object, bits_dtype: torch.dtype, count: int) -> np.ndarray:
-    """``t`` checked to be ``bits_dtype`` [count], copied to the host once, as numpy unsigned."""
+def _checked_bits(name: str, field: str, t: object, bits_dtype: torch.dtype, count: int) -> torch.Tensor:
+    """``t`` checked to be ``bits_dtype`` [count], detached and contiguous on its device."""
     if not isinstance(t, torch.Tensor) or t.dtype != bits_dtype or tuple(t.shape) != (count,):
         found = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(
             f"tensor {name!r}: {field} is {found}, must be {bits_dtype} [{count}]; pass bits_view(...) of the "
             "selected elements"
         )
-    host = t.detach().cpu().numpy()
-    return host.view(_NP_UNSIGNED[host.itemsize])
+    return t.detach().contiguous()
 
 
-def _host_indices(name: str, indices: object, numel: int) -> np.ndarray:
-    """``indices`` checked to be int64 [M] strictly increasing in [0, numel), as a host numpy array."""
+def _checked_indices(name: str, indices: object, numel: int) -> torch.Tensor:
+    """``indices`` checked to be int64 [M] strictly increasing in [0, numel) (one device sync)."""
     if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64 or indices.dim() != 1:
         found = f"{indices.dtype} {tuple(indices.shape)}" if isinstance(indices, torch.Tensor) else indices
         raise ValueError(f"tensor {name!r}: indices are {found}, must be int64 [M]; cast/flatten them")
-    host = indices.detach().cpu().numpy()
-    if host.size and (host[0] < 0 or host[-1] >= numel or not (host[1:] > host[:-1]).all()):
+    indices = indices.detach().contiguous()
+    if indices.numel() and not bool(
+        (indices[0] >= 0) & (indices[-1] < numel) & (indices[1:] > indices[:-1]).all()
+    ):
         raise ValueError(
             f"tensor {name!r}: indices must be strictly increasing flat positions in [0, {numel}); "
             "sort them and drop duplicates"
         )
-    return host
+    return indices
 
 
-def _to_host(update: TensorUpdate, needs_self_contained: bool) -> _Host:
-    """Validate ``update`` (raising ValueError naming the field and fix) and copy it to the host."""
+def _check_update(update: TensorUpdate, needs_self_contained: bool) -> _Checked:
+    """Validate ``update`` (raising ValueError naming the field and fix); its tensors stay on their devices."""
     name = update.name
     _check_name(name)
     bits_dtype = _bits_dtype(update.dtype)
     shape = _check_shape(name, update.shape)
     numel = int(np.prod(shape, dtype=object))
-    indices = None if update.indices is None else _host_indices(name, update.indices, numel)
-    count = numel if indices is None else indices.size
-    values = _host_bits(name, "values", update.values, bits_dtype, count)
+    indices = None if update.indices is None else _checked_indices(name, update.indices, numel)
+    count = numel if indices is None else indices.numel()
+    values = _checked_bits(name, "values", update.values, bits_dtype, count)
     base = None
     if update.base is not None:
         if needs_self_contained:
@@ -479,30 +570,18 @@ def _to_host(update: TensorUpdate, needs_self_contained: bool) -> _Host:
                 f"tensor {name!r}: base is set but the payload is an anchor or has no base_version, so the "
                 "receiver's values are unknown; drop base or pass base_version"
             )
-        base = _host_bits(name, "base", update.base, bits_dtype, count)
+        base = _checked_bits(name, "base", update.base, bits_dtype, count).to(values.device)
     if not isinstance(update.digest, int) or not 0 <= update.digest <= _U64_MAX:
         raise ValueError(f"tensor {name!r}: digest={update.digest!r} must be an unsigned 64-bit int")
-    return _Host(name, DTYPES.index(update.dtype), shape, indices, values, base, update.digest)
+    return _Checked(name, DTYPES.index(update.dtype), shape, indices, values, base, update.digest)
 
 
-def _jobs(host: _Host, bucket_elements: int) -> list[_Job]:
-    """``host`` cut into buckets of ``bucket_elements`` elements (none when it has no elements)."""
-    jobs = []
-    for first in range(0, host.values.size, bucket_elements):
-        end = first + bucket_elements
-        indices = None if host.indices is None else host.indices[first:end]
-        prev_last = -1 if host.indices is None or first == 0 else int(host.indices[first - 1])
-        base = None if host.base is None else host.base[first:end]
-        jobs.append(_Job(first, indices, prev_last, host.values[first:end], base))
-    return jobs
-
-
-def _record_bytes(host: _Host, buckets: list[_Bucket]) -> bytes:
+def _record_bytes(update: _Checked, buckets: list[_Bucket]) -> bytes:
     """A tensor's header record."""
-    name = host.name.encode("utf-8")
-    dims = b"".join(_U64.pack(d) for d in host.shape)
-    head = _U16.pack(len(name)) + name + _U8.pack(host.dtype_id) + _U8.pack(len(host.shape)) + dims
-    fixed = _TENSOR.pack(host.indices is None, host.values.size, host.digest, len(buckets))
+    name = update.name.encode("utf-8")
+    dims = b"".join(_U64.pack(d) for d in update.shape)
+    head = _U16.pack(len(name)) + name + _U8.pack(update.dtype_id) + _U8.pack(len(update.shape)) + dims
+    fixed = _TENSOR.pack(update.indices is None, update.values.numel(), update.digest, len(buckets))
     rows = [_BUCKET.pack(*astuple(b)) for b in buckets]  # field order = wire order
     return head + fixed + b"".join(rows)
 
@@ -542,28 +621,26 @@ def encode(
 ) -> bytes:
     """Serialise ``updates`` (CPU or CUDA tensors) into one payload producing ``version`` from ``base_version``.
 
-    Each update's indices/values/base are copied to the host once. ``base`` (the receiver's current bit
-    patterns) is only allowed when ``base_version`` is given and ``anchor`` is False, since diff-coded values
-    cannot be decoded without them. ``level`` is the zstd level; ``threads`` > 0 codes and compresses buckets
-    in a pool of that many threads (zstd and numpy release the GIL). Raises ValueError on invalid input.
+    The per-element coding runs in torch on each update's device; only the coded streams are copied to the
+    host. ``base`` (the receiver's current bit patterns) is only allowed when ``base_version`` is given and
+    ``anchor`` is False, since diff-coded values cannot be decoded without them. ``level`` is the zstd level;
+    ``threads`` > 0 compresses buckets in a pool of that many threads (zstd releases the GIL), overlapping
+    the coding of the next tensor. Raises ValueError on invalid input.
     """
     _check_encode_args(len(updates), version, base_version, level, bucket_elements, threads)
-    hosts = [_to_host(u, anchor or base_version is None) for u in updates]
-    per_tensor = [_jobs(h, bucket_elements) for h in hosts]
-    jobs = [job for tensor_jobs in per_tensor for job in tensor_jobs]
-    code = partial(_encode_bucket, level=level)
-    if threads > 0 and len(jobs) > 1:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            coded = list(pool.map(code, jobs))
-    else:
-        coded = [code(job) for job in jobs]
-    records, start = [], 0
-    for host, tensor_jobs in zip(hosts, per_tensor, strict=True):
-        records.append(
-            _record_bytes(host, [bucket for bucket, _, _ in coded[start : start + len(tensor_jobs)]])
-        )
-        start += len(tensor_jobs)
-    bodies = [part for _, index, value in coded for part in (index, value)]
+    checked = [_check_update(u, anchor or base_version is None) for u in updates]
+    per_tensor: list[list] = []
+    with ThreadPoolExecutor(max_workers=threads) if threads > 0 else nullcontext() as pool:
+        for update in checked:
+            compress = partial(_compress_bucket, level=level, width=update.values.element_size())
+            coded = _code_tensor(update, bucket_elements)
+            per_tensor.append([compress(c) if pool is None else pool.submit(compress, c) for c in coded])
+    if pool is not None:
+        per_tensor = [[future.result() for future in parts] for parts in per_tensor]
+    records = [
+        _record_bytes(u, [b for b, _, _ in parts]) for u, parts in zip(checked, per_tensor, strict=True)
+    ]
+    bodies = [part for parts in per_tensor for _, index, value in parts for part in (index, value)]
     header_len = _PREAMBLE.size + sum(len(r) for r in records) + _U32.size
     total_len = header_len + sum(len(b) for b in bodies)
     flags = _FLAG_ANCHOR if anchor else 0
