@@ -19,7 +19,10 @@ try:
 except ImportError:  # pyproject installs triton on Linux x86_64 only
     triton = None
 
-BLOCK = 4096
+#: Elements per program. Measured on H200 over a 2^28-element int16 pair: 1024 elements with 4 warps counts
+#: in 0.24 ms and compacts in 0.64 ms (606 GB/s of weights); 4096 with 8 warps compacted in 1.30 ms.
+BLOCK = 1024
+_WARPS = 4
 
 
 def kernels_apply(current: torch.Tensor) -> bool:
@@ -28,12 +31,12 @@ def kernels_apply(current: torch.Tensor) -> bool:
 
 
 def changed_counts(current: torch.Tensor, published: torch.Tensor) -> torch.Tensor:
-    """int64 [ceil(numel / BLOCK)]: per block, how many positions' bits differ (flat 1-D int tensors)."""
+    """int32 [ceil(numel / BLOCK)]: per block, how many positions' bits differ (flat 1-D int tensors)."""
     numel = current.numel()
     blocks = triton.cdiv(numel, BLOCK)
-    counts = torch.empty(blocks, dtype=torch.int64, device=current.device)
+    counts = torch.empty(blocks, dtype=torch.int32, device=current.device)
     if blocks:
-        _count_kernel[(blocks,)](current, published, counts, numel, BLOCK=BLOCK, num_warps=8)
+        _count_kernel[(blocks,)](current, published, counts, numel, BLOCK=BLOCK, num_warps=_WARPS)
     return counts
 
 
@@ -74,7 +77,7 @@ if triton is not None:
         differs = tl.load(current_ptr + where, mask=inside, other=0) != tl.load(
             published_ptr + where, mask=inside, other=0
         )
-        tl.store(counts_ptr + block, tl.sum(differs.to(tl.int64), axis=0))
+        tl.store(counts_ptr + block, tl.sum(differs.to(tl.int32), axis=0))
 
     @triton.jit
     def _compact_kernel(
@@ -89,7 +92,8 @@ if triton is not None:
         new = tl.load(current_ptr + where, mask=inside, other=0)
         old = tl.load(published_ptr + where, mask=inside, other=0)
         differs = new != old
-        slot = tl.load(offsets_ptr + block) + tl.cumsum(differs.to(tl.int64), axis=0) - 1
+        # The in-block scan fits int32; only the global slot needs 64 bits.
+        slot = tl.load(offsets_ptr + block) + (tl.cumsum(differs.to(tl.int32), axis=0) - 1).to(tl.int64)
         tl.store(positions_ptr + slot, where, mask=differs)
         tl.store(new_ptr + slot, new, mask=differs)
         tl.store(old_ptr + slot, old, mask=differs)

@@ -94,7 +94,7 @@ class ChangeTracker:
     def _changed_fused(pairs: dict) -> list[tuple]:
         """The Triton passes of :mod:`sparsetron.kernels.bit_diff`: count per block, one sync, compact."""
         block_counts = {name: changed_counts(*pair) for name, pair in pairs.items()}
-        totals = torch.stack([c.sum() for c in block_counts.values()]).tolist()
+        totals = torch.stack([c.sum(dtype=torch.int64) for c in block_counts.values()]).tolist()
         found = []
         for (name, (current, published)), total in zip(pairs.items(), totals, strict=True):
             if total:
