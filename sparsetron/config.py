@@ -352,6 +352,24 @@ class ClusterConfig:
 
 
 @dataclass
+class SyncConfig:
+    """Publishing the trained weights to RL rollout workers while training (``sparsetron sync``)."""
+
+    serve: bool = knob(
+        False,
+        "Serve versions of the weights over TCP from rank 0 (secret: $SPARSETRON_SYNC_SECRET); rollout workers "
+        "pull with `sparsetron sync pull` or DeltaSubscriber.pull.",
+    )
+    every: int = knob(1, "Publish a version every this many optimizer steps (and after the last one).")
+    host: str = knob("127.0.0.1", "Address rank 0 binds; loopback unless you open it.")
+    port: int = knob(7731, "TCP port (0: any free port, printed at start).")
+    keep: int = knob(8, "Versions kept for lagging subscribers.")
+    linger: float = knob(
+        0.0, "Seconds rank 0 keeps serving after the last step, so workers fetch the last version."
+    )
+
+
+@dataclass
 class Config:
     """A whole job."""
 
@@ -361,6 +379,7 @@ class Config:
     data: DataConfig = knob(factory=DataConfig, doc="Token source.")
     checkpoint: CheckpointConfig = knob(factory=CheckpointConfig, doc="Checkpointing.")
     cluster: ClusterConfig = knob(factory=ClusterConfig, doc="Process placement.")
+    sync: SyncConfig = knob(factory=SyncConfig, doc="Weight sync to rollout workers.")
 
 
 def config_root() -> Path:

@@ -3,6 +3,7 @@ real processes over loopback TCP: the first pull anchors, the next one applies t
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -91,3 +92,48 @@ def test_pull_from_nowhere_fails_cleanly_and_keeps_the_directory(tmp_path):
     assert result.returncode == 1
     assert "pull failed" in " ".join(result.stderr.split())
     assert not os.path.exists(tmp_path / "out" / "model.safetensors")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_training_run_serves_its_weights_live(tmp_path):
+    """`sparsetron train --nproc 2 sync.serve=true`: rank 0 publishes every step; a subscriber following it
+    ends bit-identical to the run's final checkpoint."""
+    from sparsetron.sync.checkpoints import read_checkpoint_model
+    from sparsetron.sync.subscriber import DeltaSubscriber
+    from sparsetron.sync.tcp import SyncClient
+
+    env = clean_env() | {"SPARSETRON_SYNC_SECRET": SECRET}
+    port = _free_port()
+    run = subprocess.Popen(
+        [sys.executable, "-m", "sparsetron.cli", "train", "--nproc", "2", "model.preset=tiny",
+         "train.seq_len=128", "train.global_batch_tokens=1024", "train.steps=6", "train.warmup_steps=1",
+         "data.source=corpus", "parallel.dp_replicate=1", "parallel.dp_shard=2", f"train.run_dir={tmp_path}",
+         "sync.serve=true", f"sync.port={port}", "sync.linger=120"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        _wait_for(run.stdout, f"as version 0 on 127.0.0.1:{port}", timeout=300)
+        subscriber = DeltaSubscriber({})
+        client = SyncClient("127.0.0.1", port, secret=SECRET.encode())
+        deadline = time.monotonic() + 300
+        while subscriber.version != 5 and time.monotonic() < deadline:
+            subscriber.pull(client)
+            time.sleep(0.2)
+        assert subscriber.version == 5  # versions 0..5 after steps 1..6
+        final = tmp_path / "checkpoints" / "step-00000006"
+        while not (final / "manifest.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for name, tensor in read_checkpoint_model(final).items():
+            assert torch.equal(subscriber.tensors[name], tensor), name
+        records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        assert [r.get("sync_version") for r in records] == [None, 1, 2, 3, 4, 5]
+        assert all(r["sync_payload_bytes"] > 0 for r in records[1:])
+    finally:
+        run.kill()

@@ -30,6 +30,7 @@ from sparsetron.parallel.data.fsdp import (
     fsdp_comm_bytes_per_step,
 )
 from sparsetron.parallel.data.outer import OuterStats, OuterStep
+from sparsetron.sync.live import LivePublisher
 from sparsetron.train.data import MicroBatch, StepLoader, build_source
 from sparsetron.train.metrics import MetricsLog, ProgressLine, peak_flops
 from sparsetron.train.optim import build_optimizer, clip_grad_norm, lr_factor
@@ -369,6 +370,7 @@ def train(
 
     metrics = MetricsLog(run_dir, enabled=is_main, resume_step=start_step if latest is not None else None)
     progress = ProgressLine(cfg.train.steps, start_step, enabled=is_main, every=cfg.train.log_every)
+    live = LivePublisher(model, cfg.sync, progress.print) if cfg.sync.serve else None
     if latest is not None:
         progress.print(f"resumed from {latest} at step {start_step}")
     micro_batches = global_seqs // (dims.dp * cfg.train.micro_batch_size)
@@ -493,6 +495,14 @@ def train(
             }
             if outer_stats is not None:
                 record |= _outer_record(outer_stats)
+            published = live.after_step(step + 1, is_last) if live is not None else None
+            if published is not None:
+                record |= {
+                    "sync_version": published.version,
+                    "sync_payload_bytes": published.payload_bytes,
+                    "sync_changed_fraction": published.changed_fraction,
+                    "sync_encode_s": published.encode_s,
+                }
             if heldout and (is_last or (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0)):
                 scores = evaluate(model, source, heldout, cfg, device, dp_group, dims.dp, dp_rank)
                 record |= scores
@@ -528,6 +538,8 @@ def train(
                 progress.print(f"stopping: saved {last_checkpoint} after step {step + 1}; rerun to resume")
                 break
     finally:
+        if live is not None:
+            live.close(cfg.sync.linger if not preempted else 0.0)
         progress.close()
         stop.restore()
     return TrainResult(
