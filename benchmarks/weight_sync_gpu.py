@@ -56,6 +56,10 @@ def main() -> None:
     parser.add_argument("--tensors", type=int, default=30)
     parser.add_argument("--density", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--level", type=int, default=3, help="zstd level")
+    parser.add_argument(
+        "--bucket-elements", type=int, default=1 << 22, help="changed elements per codec bucket"
+    )
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -78,7 +82,10 @@ def main() -> None:
         updates = [
             TensorUpdate(name, torch.bfloat16, (ELEMENTS,), i, n, o, digests[name]) for name, i, n, o in found
         ]
-        payload = encode(updates, version=1, base_version=0, threads=args.threads)
+        payload = encode(
+            updates, version=1, base_version=0, threads=args.threads, level=args.level,
+            bucket_elements=args.bucket_elements,
+        )  # fmt: skip
         encode_times.append(time.perf_counter() - started)
     detect_s, digest_s, encode_s = (
         sorted(t)[len(t) // 2] for t in (detect_times, digest_times, encode_times)
@@ -89,6 +96,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "params": numel,
+        "level": args.level,
+        "bucket_elements": args.bucket_elements,
         "changed": changed,
         "initial_digest_s": initial_digest_s,
         "detect_s": detect_s,
