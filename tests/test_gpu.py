@@ -135,7 +135,7 @@ def test_sparseloco_compression_on_cuda_matches_the_cpu_reference():
 def test_sparseloco_training_over_nccl_on_two_gpus(tmp_path):
     """Two replicas (one GPU each) with overlapped outer steps: payloads all-gathered over NCCL, the run ends
     with both replicas' weights bit-identical (manifest hashes)."""
-    from sparsetron.checkpoint import read_manifest
+    from test_local_sgd_training import replica_hashes
 
     result = _cli_train_on_two_gpus(
         "parallel.dp_replicate=2",
@@ -150,12 +150,7 @@ def test_sparseloco_training_over_nccl_on_two_gpus(tmp_path):
     assert steps[-1]["loss"] < steps[0]["loss"] - 1.0
     outer = [s for s in steps if "outer_payload_bytes" in s]
     assert [s["step"] for s in outer] == [5, 10, 15, 20] and outer[-1]["outer_ratio_vs_bf16"] > 30
-    tensors = read_manifest(tmp_path / "checkpoints" / "step-00000020")["tensors"]
-    by_replica: dict[str, dict] = {}
-    for key, record in tensors.items():
-        replica, section, name = key.split(".", 2)
-        if section == "model":
-            by_replica.setdefault(replica, {})[name] = record["sha256"]
+    by_replica = replica_hashes(tmp_path / "checkpoints" / "step-00000020")
     assert len(by_replica) == 2 and by_replica["replica-00000"] == by_replica["replica-00001"]
 
 

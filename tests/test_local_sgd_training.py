@@ -38,7 +38,7 @@ def _train(overrides: list[str], stop_after: int | None = None) -> list[float]:
     return train(cfg, mesh, "cpu", stop_after=stop_after).losses
 
 
-def _replica_hashes(checkpoint) -> dict[str, dict[str, str]]:
+def replica_hashes(checkpoint) -> dict[str, dict[str, str]]:
     """Per replica prefix: model tensor name → sha256 from the manifest."""
     by_replica: dict[str, dict[str, str]] = {}
     for key, record in read_manifest(checkpoint)["tensors"].items():
@@ -72,7 +72,7 @@ def test_sparseloco_replicas_end_identical_and_resume_mid_phase_exactly(ranks, t
     assert first + rest == whole
     assert whole[-1] < whole[0] - 0.5
 
-    hashes = _replica_hashes(tmp_path / "whole" / "checkpoints" / "step-00000009")
+    hashes = replica_hashes(tmp_path / "whole" / "checkpoints" / "step-00000009")
     assert sorted(hashes) == ["replica-00000", "replica-00001"]
     assert hashes["replica-00000"] == hashes["replica-00001"]
 
@@ -98,7 +98,7 @@ def test_diloco_over_four_replicas_ends_identical(ranks, tmp_path):
     ]
     losses = ranks.run(4, _train, overrides, timeout=600)[0]
     assert len(losses) == 5
-    hashes = _replica_hashes(tmp_path / "checkpoints" / "step-00000005")
+    hashes = replica_hashes(tmp_path / "checkpoints" / "step-00000005")
     assert len(hashes) == 4 and len({tuple(sorted(h.items())) for h in hashes.values()}) == 1
     outer_steps = [r["step"] for r in _metrics(tmp_path) if "outer_payload_bytes" in r]
     assert outer_steps == [2, 4, 5]

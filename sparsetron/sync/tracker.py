@@ -51,16 +51,8 @@ class ChangeTracker:
         ``tensors`` must hold the same names, dtypes and shapes as at construction. Results stay on the
         tensors' devices; nothing is committed until :meth:`commit`.
         """
-        self._check(tensors)
-        if not tensors:
-            return []
-        pairs = {
-            n: (bits_view(tensors[n]).reshape(-1), self.published[n].reshape(-1)) for n in self.published
-        }
-        first = next(iter(pairs.values()))[0]
-        found = self._changed_fused(pairs) if kernels_apply(first) else self._changed_torch(pairs)
         updates = []
-        for name, indices, new, old in found:
+        for name, indices, new, old in self.find_changes(tensors):
             dtype, shape = self.meta[name]
             digest = updated_digest(self.digests[name], indices, old, new)
             updates.append(TensorUpdate(name, dtype, shape, indices, new, old, digest))
