@@ -424,18 +424,22 @@ def _ref_encode(
             if indices is not None:
                 prev_last = -1 if first == 0 else indices[first - 1]
                 index_coding, index_raw = _ref_index_stream(indices[first:end], prev_last)
-            index_compressor, index_stored = (
-                _ref_compress(index_raw, level) if indices is not None else (0, b"")
-            )
+            index_compressor, index_stored = 0, index_raw  # Elias–Fano and bitmap streams are stored
+            if index_coding == INDEX_CODINGS.index("gaps"):
+                index_compressor, index_stored = _ref_compress(index_raw, level)
             value_raw = _ref_planes(new[first:end], width)
-            value_coding, (value_compressor, value_stored) = 0, _ref_compress(value_raw, level)
+            diff = None
             if base is not None:
                 diffs = [(n - b) % (1 << bits) for n, b in zip(new[first:end], base[first:end], strict=True)]
                 signed = [d - (1 << bits) if d >= 1 << (bits - 1) else d for d in diffs]
                 zigzag = [2 * d if d >= 0 else -2 * d - 1 for d in signed]
-                compressor, stored = _ref_compress(_ref_planes(zigzag, width), level)
-                if len(stored) < len(value_stored):
-                    value_coding, value_compressor, value_stored = 1, compressor, stored
+                diff = _ref_compress(_ref_planes(zigzag, width), level)
+            if diff is not None and 2 * len(diff[1]) <= len(value_raw):
+                value_coding, (value_compressor, value_stored) = 1, diff
+            else:
+                value_coding, (value_compressor, value_stored) = 0, _ref_compress(value_raw, level)
+                if diff is not None and len(diff[1]) < len(value_stored):
+                    value_coding, (value_compressor, value_stored) = 1, diff
             crc = zlib.crc32(index_stored + value_stored)
             fields = (first, end - first, index_coding, value_coding, index_compressor, value_compressor)
             lengths = (len(index_raw), len(value_raw), len(index_stored), len(value_stored))

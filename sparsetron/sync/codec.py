@@ -478,17 +478,27 @@ def _code_tensor(update: _Checked, bucket_elements: int) -> list[_Coded]:
 def _compress_bucket(coded: _Coded, level: int, width: int) -> tuple[_Bucket, bytes, bytes]:
     """Compress one coded bucket: (header fields, stored index stream, stored value stream).
 
-    Values are sent diff-coded only when a base was given and its stored stream is strictly smaller.
+    Values are sent diff-coded when a base was given and its stored stream is at most half the raw bytes, or
+    else strictly smaller than the compressed raw stream; varint index streams are compressed, others stored.
     """
     index_raw, index_compressor, index_stored = 0, _STORED, b""
     if coded.index is not None:
         index_raw = len(coded.index)
-        index_compressor, index_stored = _compress(coded.index, level)
-    value_coding, (value_compressor, value_stored) = _VAL_RAW, _compress(coded.raw, level)
+        # Elias–Fano and bitmap streams are near their entropy already; only varint gaps are worth zstd.
+        compressible = coded.index_coding == _IDX_GAPS
+        index_compressor, index_stored = (
+            _compress(coded.index, level) if compressible else (_STORED, coded.index)
+        )
     if coded.diff is not None:
         diff = _compress(coded.diff, level)
-        if len(diff[1]) < len(value_stored):
+        if 2 * len(diff[1]) <= len(coded.raw):  # a clear win (the usual few-ulp case): raw is not tried
             value_coding, (value_compressor, value_stored) = _VAL_DIFF, diff
+        else:
+            value_coding, (value_compressor, value_stored) = _VAL_RAW, _compress(coded.raw, level)
+            if len(diff[1]) < len(value_stored):
+                value_coding, (value_compressor, value_stored) = _VAL_DIFF, diff
+    else:
+        value_coding, (value_compressor, value_stored) = _VAL_RAW, _compress(coded.raw, level)
     bucket = _Bucket(
         first=coded.first,
         count=coded.count,
