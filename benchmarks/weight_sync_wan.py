@@ -36,11 +36,10 @@ import numpy as np
 import torch
 from netns_link import LinkError, ShapedLink, measure_throughput
 
-from sparsetron.sync.cli import SECRET_ENV
 from sparsetron.sync.codec import TensorUpdate, bits_view, encode, payload_stats
 from sparsetron.sync.digest import updated_digest
 from sparsetron.sync.subscriber import DeltaSubscriber
-from sparsetron.sync.tcp import SyncClient, SyncServer
+from sparsetron.sync.tcp import SECRET_ENV, SyncClient, SyncServer
 
 _LENGTH = struct.Struct("<Q")
 _GIB = 1 << 30

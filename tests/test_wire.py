@@ -184,7 +184,7 @@ def test_flipped_body_byte_fails_crc(payload: bytes) -> None:
 
 def test_wrong_magic_version_and_trailing_garbage(payload: bytes) -> None:
     with pytest.raises(WireFormatError, match="bad magic"):
-        decode(b"XXXX" + payload[4:])
+        decode(b"PK\x03\x04" + payload[4:])  # a zip archive, say
     with pytest.raises(WireFormatError, match="unsupported format version 2"):
         decode(payload[:4] + struct.pack("<H", 2) + payload[6:])
     with pytest.raises(WireFormatError, match="trailing garbage"):

@@ -7,7 +7,6 @@ secret. ``pull`` keeps a safetensors directory at the newest version (``--follow
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -17,7 +16,6 @@ from rich.console import Console
 
 from sparsetron.sync.errors import SyncError
 
-SECRET_ENV = "SPARSETRON_SYNC_SECRET"
 DEFAULT_PORT = 7731
 
 sync_app = typer.Typer(
@@ -29,23 +27,21 @@ err = Console(stderr=True)
 
 SecretFile = Annotated[
     Path | None,
-    typer.Option(help=f"File holding the shared secret (default: the {SECRET_ENV} environment variable)."),
+    typer.Option(
+        help="File holding the shared secret (default: the SPARSETRON_SYNC_SECRET environment variable)."
+    ),
 ]
 
 
 def read_secret(secret_file: Path | None) -> bytes:
-    """The shared secret from ``secret_file`` or the environment; exits 2 naming both when neither is set."""
-    if secret_file is not None:
-        secret = secret_file.read_bytes().strip()
-    else:
-        secret = os.environ.get(SECRET_ENV, "").encode()
-    if len(secret) < 16:
-        err.print(
-            f"[bold red]error:[/bold red] sync needs a shared secret of ≥ 16 bytes: pass --secret-file FILE or "
-            f"set {SECRET_ENV} (same value on the trainer and every rollout worker)."
-        )
-        raise typer.Exit(2)
-    return secret
+    """:func:`~sparsetron.sync.tcp.load_secret`, exiting 2 with its message when there is none."""
+    from sparsetron.sync.tcp import load_secret
+
+    try:
+        return load_secret(secret_file)
+    except ValueError as exc:
+        err.print(f"[bold red]error:[/bold red] {exc}")
+        raise typer.Exit(2) from exc
 
 
 @sync_app.command("serve")

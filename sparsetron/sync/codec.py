@@ -51,6 +51,7 @@ import numpy as np
 import torch
 import zstandard
 
+from sparsetron.binary import encode_name
 from sparsetron.parallel.data.bitpack import pack_bits, packed_len, unpack_bits
 
 MAGIC = b"STSD"
@@ -518,16 +519,6 @@ def _compress_bucket(coded: _Coded, level: int, width: int) -> tuple[_Bucket, by
 # ------------------------------------------------------------------------------------------------ encode
 
 
-def _check_name(name: object) -> bytes:
-    """UTF-8 bytes of ``name``; must be a str of ≤ 65535 encoded bytes."""
-    if not isinstance(name, str):
-        raise ValueError(f"name={name!r} must be a str; pass the parameter name")
-    encoded = name.encode("utf-8")
-    if len(encoded) > 0xFFFF:
-        raise ValueError(f"name of {len(encoded)} utf-8 bytes exceeds 65535; shorten the parameter name")
-    return encoded
-
-
 def _check_shape(name: str, shape: object) -> tuple[int, ...]:
     """``shape`` as a tuple of ≤ 255 non-negative ints."""
     dims = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else None
@@ -566,7 +557,7 @@ def _checked_indices(name: str, indices: object, numel: int) -> torch.Tensor:
 def _check_update(update: TensorUpdate, needs_self_contained: bool) -> _Checked:
     """Validate ``update`` (raising ValueError naming the field and fix); its tensors stay on their devices."""
     name = update.name
-    _check_name(name)
+    encode_name(name)
     bits_dtype = _bits_dtype(update.dtype)
     shape = _check_shape(name, update.shape)
     numel = int(np.prod(shape, dtype=object))

@@ -10,7 +10,6 @@ for models that do not fit, serve from checkpoints with ``sparsetron sync serve`
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -18,19 +17,7 @@ import torch.distributed as dist
 
 from sparsetron.config import SyncConfig
 from sparsetron.sync.publisher import DeltaPublisher, PublishReport
-
-SECRET_ENV = "SPARSETRON_SYNC_SECRET"
-
-
-def secret_from_env() -> bytes:
-    """The shared secret from ``$SPARSETRON_SYNC_SECRET``; raises naming the variable when unset or short."""
-    secret = os.environ.get(SECRET_ENV, "").encode()
-    if len(secret) < 16:
-        raise ValueError(
-            f"sync.serve=true needs a shared secret of ≥ 16 bytes in ${SECRET_ENV} (the same value on the trainer "
-            "and every rollout worker); set it, or sync.serve=false"
-        )
-    return secret
+from sparsetron.sync.tcp import SyncServer, load_secret
 
 
 @torch.no_grad()
@@ -50,7 +37,7 @@ class LivePublisher:
             raise ValueError(f"sync.every={cfg.every} must be ≥ 1 (optimizer steps between versions)")
         self.model, self.cfg, self.log = model, cfg, log
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.secret = secret_from_env()
+        self.secret = load_secret()  # before any training step: a missing secret fails at once
         self.publisher: DeltaPublisher | None = None
         self.server = None
 
@@ -69,8 +56,6 @@ class LivePublisher:
         return self.publisher.publish()
 
     def _start(self, tensors: dict[str, torch.Tensor], step: int) -> None:
-        from sparsetron.sync.tcp import SyncServer
-
         self.publisher = DeltaPublisher(tensors, keep=self.cfg.keep)
         self.server = SyncServer(
             self.publisher.handler, secret=self.secret, host=self.cfg.host, port=self.cfg.port

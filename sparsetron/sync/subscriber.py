@@ -29,6 +29,7 @@ import torch
 from sparsetron.sync.codec import DeltaFormatError, TensorUpdate, bits_view, decode, from_bits
 from sparsetron.sync.digest import tensor_digest, updated_digest
 from sparsetron.sync.errors import ConnectionLost, IntegrityError, SyncError
+from sparsetron.sync.versions import merge_changes
 
 log = logging.getLogger(__name__)
 _LENGTH = struct.Struct("<Q")
@@ -70,17 +71,8 @@ def _old_bits(current: torch.Tensor, indices: torch.Tensor, overlay: TensorUpdat
 
 
 def _merge(overlay: TensorUpdate | None, update: TensorUpdate) -> TensorUpdate:
-    if overlay is None:
-        return update
-    indices = torch.cat([overlay.indices, update.indices])
-    values = torch.cat([overlay.values, update.values])
-    order = torch.sort(indices, stable=True).indices
-    indices, values = indices[order], values[order]
-    last = torch.ones_like(indices, dtype=torch.bool)
-    last[:-1] = indices[1:] != indices[:-1]
-    return TensorUpdate(
-        update.name, update.dtype, update.shape, indices[last], values[last], None, update.digest
-    )
+    """``update`` on top of earlier payloads' changes of the same tensor (newest bits per position)."""
+    return update if overlay is None else merge_changes([{update.name: overlay}, {update.name: update}])[0]
 
 
 class DeltaSubscriber:

@@ -52,6 +52,29 @@ from sparsetron.sync.errors import AuthenticationError, ConnectionLost, Integrit
 
 log = logging.getLogger(__name__)
 
+#: Environment variable holding the shared secret when no secret file is given.
+SECRET_ENV = "SPARSETRON_SYNC_SECRET"
+MIN_SECRET_BYTES = 16
+
+
+def load_secret(secret_file: str | os.PathLike | None = None) -> bytes:
+    """The shared secret from ``secret_file`` (stripped) or ``$SPARSETRON_SYNC_SECRET``.
+
+    Raises ValueError naming both sources when the secret is missing or shorter than 16 bytes.
+    """
+    if secret_file is not None:
+        with open(secret_file, "rb") as handle:
+            secret = handle.read().strip()
+    else:
+        secret = os.environ.get(SECRET_ENV, "").encode()
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(
+            f"weight sync needs a shared secret of ≥ {MIN_SECRET_BYTES} bytes: pass --secret-file FILE or set "
+            f"{SECRET_ENV} (the same value on the trainer and every rollout worker)"
+        )
+    return secret
+
+
 Handler = Callable[[dict], Iterable[bytes]]
 Sink = Callable[[bytes], None]
 

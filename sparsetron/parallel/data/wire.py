@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sparsetron.binary import encode_name
 from sparsetron.parallel.data.bitpack import pack_bits, packed_len, unpack_bits
 
 MAGIC = b"STSL"
@@ -168,23 +169,13 @@ def _rice_decode(buf: bytes, count: int, param: int, name: str) -> np.ndarray:
     return (quotients_M << param) | remainders_M
 
 
-def _check_name(name: object, error: type[ValueError]) -> bytes:
-    """UTF-8 bytes of ``name``; must be a str of ≤ 65535 encoded bytes."""
-    if not isinstance(name, str):
-        raise error(f"name={name!r} must be a str; pass the parameter name")
-    encoded = name.encode("utf-8")
-    if len(encoded) > 0xFFFF:
-        raise error(f"name of {len(encoded)} utf-8 bytes exceeds 65535; shorten the parameter name")
-    return encoded
-
-
 def _check_compressed(item: CompressedTensor, error: type[ValueError]) -> None:
     """Raise ``error`` naming the field, rule and fix if ``item`` is not a valid compressed tensor.
 
     Checks run where the tensors live (a handful of scalar reads), so a GPU payload is not copied to validate.
     """
     name = item.name
-    _check_name(name, error)
+    encode_name(name, error)
     if len(item.shape) > 255 or any(not isinstance(d, int) or d < 0 for d in item.shape):
         raise error(f"item {name!r}: shape={item.shape} must be ≤ 255 non-negative ints; pass tensor.shape")
     if not isinstance(item.bits, int) or not (1 <= item.bits <= 8 or item.bits in RAW_VALUE_DTYPES):
@@ -243,7 +234,7 @@ def _check_compressed(item: CompressedTensor, error: type[ValueError]) -> None:
 
 def _check_dense(item: DenseTensor, error: type[ValueError]) -> None:
     """Raise ``error`` if ``item`` is not a valid dense tensor."""
-    _check_name(item.name, error)
+    encode_name(item.name, error)
     if not isinstance(item.values, torch.Tensor) or item.values.dtype not in _DENSE_DTYPE_IDS:
         found = item.values.dtype if isinstance(item.values, torch.Tensor) else type(item.values).__name__
         raise error(
