@@ -545,3 +545,22 @@ def _ref_codings(update: TensorUpdate, bucket: int) -> list[int]:
 def test_payload_bytes_match_reference_property(dtype, numel, density, with_base, bucket_elements, seed):
     update, _ = _update(np.random.default_rng(seed), dtype, (numel,), density, with_base)
     _assert_matches_reference([update], bucket_elements)
+
+
+def test_decode_can_return_the_bits_it_read_to_undo_diff_coding():
+    """With ``return_base`` a diff-coded tensor comes back with the receiver's bits at its positions, so a
+    subscriber verifying the change does not gather them a second time; raw-coded tensors carry none."""
+    rng = np.random.default_rng(11)
+    old_bits = bits_view(torch.randn(4096, dtype=torch.bfloat16))
+    indices = torch.from_numpy(np.sort(rng.choice(4096, size=80, replace=False)))
+    base = old_bits[indices]
+    diffed = TensorUpdate("w", torch.bfloat16, (4096,), indices, base + 1, base.clone())  # one ulp each
+    current = from_bits(old_bits, torch.bfloat16, (4096,))
+    raw, _ = _update(rng, torch.float32, (300,), 0.1, with_base=False)
+    raw.name = "raw"
+    payload = encode([diffed, raw], version=2, base_version=1)
+    _, (got_diffed, got_raw) = decode(payload, current={"w": current}, return_base=True)
+    assert payload_stats(payload)["value_codings"]["diff"] >= 1
+    assert torch.equal(got_diffed.base, diffed.base) and got_raw.base is None
+    _, (plain, _) = decode(payload, current={"w": current})
+    assert plain.base is None

@@ -871,9 +871,9 @@ def _current_bits(
 
 
 def _decode_record(
-    data: memoryview, record: _Record, current: Mapping[str, torch.Tensor] | None
+    data: memoryview, record: _Record, current: Mapping[str, torch.Tensor] | None, return_base: bool
 ) -> TensorUpdate:
-    """Rebuild one tensor's update (new bit patterns, no base) from its checked record and bodies."""
+    """Rebuild one tensor's update from its checked record and bodies (``base``: see :func:`decode`)."""
     streams = _bucket_streams(data, record)
     indices = None if record.dense else _record_indices(record, streams)
     width = DTYPES[record.dtype_id].itemsize
@@ -887,28 +887,36 @@ def _decode_record(
         parts.append(coded)
     unsigned = np.concatenate(parts) if parts else np.zeros(0, dtype=_NP_UNSIGNED[width])
     values = torch.from_numpy(unsigned.view(_NP_SIGNED[width]) if width > 1 else unsigned)
+    kept_base = None
+    if return_base and base is not None:
+        kept_base = torch.from_numpy(base.view(_NP_SIGNED[width]) if width > 1 else base)
     return TensorUpdate(
         name=record.name,
         dtype=DTYPES[record.dtype_id],
         shape=record.shape,
         indices=None if indices is None else torch.from_numpy(indices),
         values=values,
+        base=kept_base,
         digest=record.digest,
     )
 
 
 def decode(
-    payload: bytes | memoryview, *, current: Mapping[str, torch.Tensor] | None = None
+    payload: bytes | memoryview,
+    *,
+    current: Mapping[str, torch.Tensor] | None = None,
+    return_base: bool = False,
 ) -> tuple[DeltaHeader, list[TensorUpdate]]:
     """Parse and fully validate a payload from :func:`encode`; raises DeltaFormatError, never partial results.
 
     Returns the header and one update per tensor: ``indices`` int64 [M] (None when dense), ``values`` [M] new
     bit patterns (uint8/int16/int32/int64 by width, CPU), ``base`` None. Diff-coded tensors need the
     receiver's current tensors at the base version, by name, in ``current`` (any device; only the changed
-    elements are gathered to the host).
+    elements are gathered to the host). ``return_base``: diff-coded tensors keep those gathered current bits
+    as ``base`` (a receiver verifying the change then need not gather them again).
     """
     data, header, records, _ = _parse(payload)
-    return header, [_decode_record(data, record, current) for record in records]
+    return header, [_decode_record(data, record, current, return_base) for record in records]
 
 
 def payload_stats(payload: bytes | memoryview) -> dict:

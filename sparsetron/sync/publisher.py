@@ -113,22 +113,23 @@ class DeltaPublisher:
         """Publish the tensors' current bits as the next version; returns its costs."""
         started = time.perf_counter()
         updates = self.tracker.changes(self.tensors)
-        host = [_to_host(u) for u in updates]
         detected = time.perf_counter()
         version = self.version + 1
+        # Encoded where the changes live: on a GPU only the coded streams cross to the host.
         payload = encode(
-            host, version=version, base_version=self.version, level=self.level, threads=self.threads
+            updates, version=version, base_version=self.version, level=self.level, threads=self.threads
         )
         encoded = time.perf_counter()
-        # Merges send raw newest bits; only the one-version delta needs the old bits.
+        # Retained on the host for merges, which send raw newest bits: the old bits are not kept.
         changes = {
-            u.name: TensorUpdate(u.name, u.dtype, u.shape, u.indices, u.values, None, u.digest) for u in host
+            u.name: _to_host(TensorUpdate(u.name, u.dtype, u.shape, u.indices, u.values, None, u.digest))
+            for u in updates
         }
         with self._lock:  # a snapshot for an anchor sees the versions before or after, never between
             self.tracker.commit(updates)
             self.store.add(RetainedVersion(version, changes, payload))
             self.version = version
-        changed = sum(u.indices.numel() for u in host)
+        changed = sum(u.indices.numel() for u in updates)
         return PublishReport(
             version=version,
             changed=changed,

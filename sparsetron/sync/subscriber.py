@@ -108,7 +108,7 @@ class DeltaSubscriber:
             )
         return bits_view(target)
 
-    def apply(self, payloads: list[bytes], publisher: str | None = None) -> ApplyReport | None:
+    def apply(self, payloads: list[bytes | memoryview], publisher: str | None = None) -> ApplyReport | None:
         """Apply ``payloads`` (in order) atomically; None when there is nothing to apply. See the module doc."""
         if not payloads:
             return None
@@ -120,7 +120,9 @@ class DeltaSubscriber:
         for payload in payloads:
             # Diff-coded values decode against the bits they apply to: the staged snapshot, if any.
             decode_started = time.perf_counter()
-            header, updates = decode(payload, current=snapshot if snapshot is not None else self.tensors)
+            header, updates = decode(
+                payload, current=snapshot if snapshot is not None else self.tensors, return_base=True
+            )
             decode_s += time.perf_counter() - decode_started
             if header.anchor:
                 snapshot = self._verify_anchor(updates)
@@ -194,8 +196,12 @@ class DeltaSubscriber:
         elif update.name not in digests:
             raise VersionGap(f"tensor {update.name!r} has no verified base here; pull from an anchor")
         else:
-            current = bits_view(snapshot[update.name]) if snapshot is not None else target_bits
-            base = _old_bits(current.reshape(-1), update.indices, overlays.get(update.name))
+            overlay = overlays.get(update.name)
+            if update.base is not None and overlay is None:
+                base = update.base  # decode already read these bits to undo the diff coding
+            else:
+                current = bits_view(snapshot[update.name]) if snapshot is not None else target_bits
+                base = _old_bits(current.reshape(-1), update.indices, overlay)
             if updated_digest(digests[update.name], update.indices, base, update.values) != update.digest:
                 raise IntegrityError(
                     f"tensor {update.name!r}: the result of version's delta would not match the publisher's "
@@ -254,7 +260,7 @@ class DeltaSubscriber:
         return None
 
 
-def fetch_payloads(client, have: int | None, publisher: str | None) -> tuple[str, list[bytes]]:
+def fetch_payloads(client, have: int | None, publisher: str | None) -> tuple[str, list[memoryview]]:
     """One pull through ``client`` (a SyncClient): the publisher id and the payloads, fully received."""
     reader = _StreamReader()
     client.request({"op": "pull", "have": have, "publisher": publisher}, sink=reader.feed)
@@ -270,7 +276,7 @@ class _StreamReader:
     def feed(self, chunk: bytes) -> None:
         self.buffer.write(chunk)
 
-    def finish(self) -> tuple[str, list[bytes]]:
+    def finish(self) -> tuple[str, list[memoryview]]:
         data = self.buffer.getbuffer()
         end = bytes(data[: 1 << 16]).find(b"\n")
         if end < 0:
@@ -286,7 +292,7 @@ class _StreamReader:
                 raise ConnectionLost(
                     f"pull response ended {offset + length - len(data)} bytes early; pull again"
                 )
-            payloads.append(bytes(data[offset : offset + length]))
+            payloads.append(data[offset : offset + length])  # a view: payloads can be 100s of MB
             offset += length
         if offset != len(data):
             raise IntegrityError(f"pull response has {len(data) - offset} bytes after its last payload")
