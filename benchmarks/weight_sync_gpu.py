@@ -18,7 +18,10 @@ elements at random positions by 1–3 ulps. Timed (CUDA-synchronised wall clock,
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
+import sys
 import time
 from pathlib import Path
 
@@ -73,6 +76,7 @@ def main() -> None:
     )
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--profile", action="store_true", help="cProfile one more encode (main thread)")
     args = parser.parse_args()
     generator = torch.Generator(device="cuda").manual_seed(0)
     state = {
@@ -104,6 +108,13 @@ def main() -> None:
     detect_s, anchor_s, digest_s, encode_s = (
         sorted(t)[len(t) // 2] for t in (detect_times, anchor_times, digest_times, encode_times)
     )
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.runcall(
+            encode, updates, version=1, base_version=0, threads=args.threads, level=args.level,
+            bucket_elements=args.bucket_elements,
+        )  # fmt: skip
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(15)
     stats = payload_stats(payload)
     changed = stats["changed_elements"]
     result = {

@@ -43,8 +43,8 @@ from sparsetron.sync.tcp import SECRET_ENV, SyncClient, SyncServer
 
 _LENGTH = struct.Struct("<Q")
 _GIB = 1 << 30
-# The machine has 2 cores; more threads would only contend.
-_THREADS = 2
+# zstd and torch threads on each side: every core of the machine (2 on the CI-sized CPU machine).
+_THREADS = os.cpu_count() or 1
 _SUBSCRIBER_TIMEOUT_S = 1800
 
 
@@ -162,7 +162,7 @@ def changed_bits_match(tensors: dict[str, torch.Tensor], seed: int, density: flo
     """Whether every changed position holds the expected new bits (O(changed), regenerated from the seed)."""
     for index, tensor in enumerate(tensors.values()):
         indices, new = tensor_changes(seed, index, tensor.numel(), density)
-        if not torch.equal(bits_view(tensor)[indices], new):
+        if not torch.equal(bits_view(tensor)[indices.to(tensor.device)].cpu(), new):
             return False
     return True
 
@@ -171,8 +171,11 @@ def run_subscriber(args: argparse.Namespace) -> None:
     """Hold version 0, pull and apply version 1, check it, print the report and timings as JSON."""
     sizes = tensor_sizes(args.params, args.tensor_elements)
     # torch.zeros writes the pages, so the state is resident before the pull as a live model's would be.
-    tensors = {tensor_name(i): torch.zeros(n, dtype=torch.bfloat16) for i, n in enumerate(sizes)}
-    subscriber = DeltaSubscriber(tensors)
+    device = torch.device(args.device)
+    tensors = {
+        tensor_name(i): torch.zeros(n, dtype=torch.bfloat16, device=device) for i, n in enumerate(sizes)
+    }
+    subscriber = DeltaSubscriber(tensors, threads=args.threads)
     # Version 0 is all-zero bits, whose digest is 0: set the state a previous pull would have left.
     subscriber.version, subscriber.publisher = 0, args.publisher
     subscriber.digests = dict.fromkeys(tensors, 0)
@@ -193,13 +196,16 @@ def run_subscriber(args: argparse.Namespace) -> None:
         "transfer_s": client.seconds,
         "decode_s": report.decode_s,
         "verify_s": report.verify_s,
+        "ready_s": report.ready_s,
         "apply_s": report.pause_s,
         "total_s": total,
+        "threads": subscriber.threads,
         "changed": report.changed,
         "payload_bytes": report.payload_bytes,
         "exact": exact,
         "check_s": time.perf_counter() - checked,
         "max_rss_gib": max_rss_gib(),
+        "device": args.device,
     }
     print(json.dumps(line), flush=True)
 
@@ -212,7 +218,8 @@ def side_command(args: argparse.Namespace, role: str, host: str, *extra: str) ->
     return [
         sys.executable, str(Path(__file__).resolve()), "--role", role, "--host", host,
         "--params", str(args.params[0]), "--density", str(args.density), "--seed", str(args.seed),
-        "--tensor-elements", str(args.tensor_elements), *extra,
+        "--tensor-elements", str(args.tensor_elements), "--device", args.device,
+        *(["--threads", str(args.threads)] if args.threads else []), *extra,
     ]  # fmt: skip
 
 
@@ -245,7 +252,8 @@ def run_once(args: argparse.Namespace, params: int, rate: str | None) -> dict:
 
 def summarise(params: int, rate: str | None, mbit: float, pub: dict, sub: dict) -> dict:
     payload = pub["payload_bytes"]
-    parts = sub["transfer_s"] + sub["decode_s"] + sub["verify_s"] + sub["apply_s"]
+    # Decoding and verifying overlap the transfer; what is left after the last byte is `ready_s`.
+    parts = sub["transfer_s"] + sub["ready_s"] + sub["apply_s"]
     return {
         "params": params,
         "link": rate or "none",
@@ -259,8 +267,9 @@ def summarise(params: int, rate: str | None, mbit: float, pub: dict, sub: dict) 
         "index_codings": pub["index_codings"],
         "generate_digest_s": pub["generate_digest_s"],
         "encode_s": pub["encode_s"],
-        **{k: sub[k] for k in ("transfer_s", "decode_s", "verify_s", "apply_s", "total_s")},
-        # Outside the four parts: splitting the received stream into payloads, bookkeeping.
+        "device": f"{sub['device']}, {sub['threads']} threads",
+        **{k: sub[k] for k in ("transfer_s", "decode_s", "verify_s", "ready_s", "apply_s", "total_s")},
+        # Outside transfer, tail and apply: connecting, bookkeeping.
         "other_s": sub["total_s"] - parts,
         "exact": sub["exact"],
         "publisher_max_rss_gib": pub["max_rss_gib"],
@@ -270,16 +279,17 @@ def summarise(params: int, rate: str | None, mbit: float, pub: dict, sub: dict) 
 
 def markdown_table(rows: list[dict]) -> str:
     head = (
-        "| params | link | payload MB | ratio vs bf16 | bits/changed | encode s | transfer s | decode s "
-        "| verify s | apply s | total s |"
+        "| params | link | subscriber | payload MB | ratio vs bf16 | bits/changed | encode s | transfer s "
+        "| decode s (Σ threads) | verify s (Σ) | after last byte s | apply s | total s |"
     )
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         params = f"{r['params']:.0e}".replace("e+0", "e")
         lines.append(
-            f"| {params} | {r['link']} | {r['payload_bytes'] / 1e6:.1f} | {r['ratio_vs_bf16']:.0f}× "
-            f"| {r['bits_per_changed']:.2f} | {r['encode_s']:.2f} | {r['transfer_s']:.2f} "
-            f"| {r['decode_s']:.2f} | {r['verify_s']:.2f} | {r['apply_s']:.2f} | {r['total_s']:.2f} |"
+            f"| {params} | {r['link']} | {r['device']} | {r['payload_bytes'] / 1e6:.1f} "
+            f"| {r['ratio_vs_bf16']:.0f}× | {r['bits_per_changed']:.2f} | {r['encode_s']:.2f} "
+            f"| {r['transfer_s']:.2f} | {r['decode_s']:.2f} | {r['verify_s']:.2f} | {r['ready_s']:.2f} "
+            f"| {r['apply_s']:.2f} | {r['total_s']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -293,6 +303,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--tensor-elements", type=int, default=1 << 28, help="Elements per tensor (layer).")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--device", default="cpu", help="Where the subscriber holds its state (a rollout worker: 'cuda')."
+    )
+    parser.add_argument("--threads", type=int, help="Subscriber decode threads (default: its own choice).")
     parser.add_argument("--profile", help="Subscriber: write a cProfile of the pull to this path.")
     parser.add_argument("--out", help="Write the rows as JSON here.")
     # Internal: how the orchestrator starts each side inside its namespace.

@@ -173,3 +173,20 @@ def test_weight_sync_between_cuda_tensors_is_bit_exact():
         publisher.publish()
         rollout.apply(publisher.payloads_for(rollout.version), publisher.id)
         assert all(torch.equal(bits_view(trainer[k]), bits_view(rollout.tensors[k])) for k in trainer)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_weight_sync_digest_is_the_same_on_cpu_and_gpu():
+    """Publisher (GPU) and subscriber (CPU) must agree on every dtype width's digest, updates included."""
+    from sparsetron.sync.digest import tensor_digest, updated_digest
+
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.uint8, torch.int16, torch.int32, torch.int64):
+        info = torch.iinfo(dtype)
+        bits = torch.randint(info.min, info.max, (300_007,), generator=generator, dtype=dtype)
+        indices = torch.randperm(bits.numel(), generator=generator)[:5_000].sort().values
+        new = torch.randint(info.min, info.max, (indices.numel(),), generator=generator, dtype=dtype)
+        on_cpu = (tensor_digest(bits), updated_digest(7, indices, bits[indices], new))
+        cuda = bits.cuda()
+        on_gpu = (tensor_digest(cuda), updated_digest(7, indices.cuda(), cuda[indices.cuda()], new.cuda()))
+        assert on_cpu == on_gpu, dtype

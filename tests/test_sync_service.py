@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from sparsetron.sync.codec import DeltaFormatError, bits_view
+from sparsetron.sync.codec import DeltaFormatError, PayloadReader, bits_view, current_bits, decode
 from sparsetron.sync.errors import AuthenticationError, ConnectionLost, IntegrityError
 from sparsetron.sync.publisher import DeltaPublisher
 from sparsetron.sync.subscriber import DeltaSubscriber, VersionGap, fetch_payloads
@@ -209,3 +209,82 @@ def test_fetch_reports_a_truncated_stream(served):
         pytest.raises((ConnectionLost, IntegrityError, ValueError)),
     ):
         fetch_payloads(SyncClient(*broken.address, secret=SECRET), None, None)
+
+
+def test_chained_diff_coded_deltas_apply_in_one_batch():
+    """Payload 2 is diff-coded against version 1, which only exists staged while the batch is applied."""
+    state = _state(7)
+    publisher = DeltaPublisher(state)
+    subscriber = DeltaSubscriber(_fresh_like(state))
+    subscriber.apply(publisher.payloads_for(None), publisher.id)
+    generator = torch.Generator().manual_seed(8)
+    chain = []
+    for version in (1, 2, 3):
+        _mutate(state, generator, 0.05)
+        publisher.publish()
+        chain += publisher.payloads_for(version - 1)  # each the single diff-coded delta of one step
+    report = subscriber.apply(chain, publisher.id)
+    assert report.to_version == 3 and _same_bits(subscriber.tensors, state)
+
+
+class _ChunkedClient:
+    """A SyncClient stand-in that hands the publisher's stream to the sink in chunks of random sizes."""
+
+    def __init__(self, publisher: DeltaPublisher, seed: int, largest: int) -> None:
+        self.publisher = publisher
+        self.generator = torch.Generator().manual_seed(seed)
+        self.largest = largest
+        self.fed = 0
+
+    def request(self, message: dict, sink) -> None:
+        stream = b"".join(self.publisher.handler(message))
+        self.total = len(stream)
+        while self.fed < len(stream):
+            size = int(torch.randint(1, self.largest + 1, (1,), generator=self.generator))
+            sink(bytearray(stream[self.fed : self.fed + size]))
+            self.fed += size
+
+
+@pytest.mark.parametrize("largest", [1, 7, 4096])
+def test_pull_decodes_tensors_while_later_bytes_are_still_arriving(monkeypatch, largest):
+    state = _state(9)
+    publisher = DeltaPublisher(state)
+    subscriber = DeltaSubscriber(_fresh_like(state), threads=2)
+    subscriber.pull(_ChunkedClient(publisher, 0, largest))  # anchor
+    _mutate(state, torch.Generator().manual_seed(10), 0.05)
+    publisher.publish()
+    client = _ChunkedClient(publisher, 1, largest)
+    fed_at_decode = []
+    original = PayloadReader.decode
+
+    def watched(reader, record, *args, **kwargs):
+        fed_at_decode.append(client.fed)
+        return original(reader, record, *args, **kwargs)
+
+    monkeypatch.setattr(PayloadReader, "decode", watched)
+    report = subscriber.pull(client)
+    assert report.to_version == 1 and _same_bits(subscriber.tensors, state)
+    # Every changed tensor decoded once, the first ones before the stream ended.
+    (delta,) = publisher.payloads_for(0)
+    whole = PayloadReader(delta)
+    assert len(fed_at_decode) == len(whole.advance(len(delta))) > 1
+    assert fed_at_decode and min(fed_at_decode) < client.total
+
+
+def test_payload_reader_releases_each_tensor_once_its_bytes_are_in():
+    state = _state(11)
+    publisher = DeltaPublisher(state)
+    (anchor,) = publisher.payloads_for(None)
+    reader = PayloadReader(anchor)
+    released, ends = [], []
+    for available in range(0, len(anchor) + 1, 97):
+        for record in reader.advance(available):
+            released.append(record.name)
+            ends.append((record.end, available))
+    released += [r.name for r in reader.advance(len(anchor))]
+    assert released == list(state) and reader.complete
+    assert all(end <= available < end + 97 for end, available in ends)
+    _, expected = decode(anchor)
+    for record, update in zip(reader.records, expected, strict=True):
+        got = reader.decode(record, current_bits(None))
+        assert torch.equal(got.values, update.values) and got.digest == update.digest
