@@ -247,13 +247,28 @@ PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
 @app.command(context_settings=PASSTHROUGH)
-def launch(ctx: typer.Context) -> None:
-    """Launch a job from a cluster YAML on torchrun, Slurm or MPI: `sparsetron launch CLUSTER.yaml -- train CONFIG`."""
-    _later(
-        "launch",
-        "cluster launchers (Slurm sbatch, multi-node torchrun, mpirun) arrive with the launchers issue",
-        "Today, start local jobs with `sparsetron train CONFIG --nproc N`, or run `sparsetron train` under your own srun/torchrun/mpirun.",
-    )
+def launch(
+    ctx: typer.Context,
+    cluster_yaml: Annotated[Path, typer.Argument(help="Cluster YAML (a `cluster:` section; configs/cluster/).")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the resolved config, env and exact commands; run nothing.")
+    ] = False,
+) -> None:
+    """Launch a job on local/torchrun/Slurm/MPI: `sparsetron launch CLUSTER.yaml [--dry-run] -- train CONFIG [k=v]`.
+
+    Preflight first: the layout for nodes × procs_per_node, the model's fit and the cluster's network are
+    checked, and any problem refuses the launch (exit 2) before anything runs or is submitted."""
+    from sparsetron.launch import LaunchError, describe, execute, plan_launch
+
+    try:
+        plan = plan_launch(cluster_yaml, list(ctx.args))
+        if dry_run:
+            stdout.out(describe(plan), highlight=False)
+            return
+        code = execute(plan)
+    except (LaunchError, ConfigError) as exc:
+        raise _fail(str(exc)) from exc
+    raise typer.Exit(code)
 
 
 @app.command(context_settings=PASSTHROUGH)

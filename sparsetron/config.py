@@ -347,8 +347,31 @@ class ClusterConfig:
     network_profile: NetworkProfile = knob(
         NetworkProfile.loopback, "NCCL/Gloo network profile: loopback, socket, ib, roce, efa."
     )
+    network_interface: str | None = knob(
+        None,
+        "NIC the nodes reach each other on (NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME), e.g. eth0 or ib0; "
+        "null: the profile's default. `ip -br addr` lists them.",
+    )
+    ib_hca: str | None = knob(None, "InfiniBand/RoCE adapters for NCCL_IB_HCA, e.g. mlx5_0,mlx5_1; null: mlx5.")
+    flight_recorder_dir: str | None = knob(
+        None, "Where the NCCL flight recorder dumps each rank's last collectives on a timeout; null: off."
+    )
+    hosts: list[str] = knob(
+        factory=list,
+        doc="torchrun/mpi without Slurm: the nodes' hostnames or addresses, the first hosting the rendezvous.",
+    )
     rdzv_port: int = knob(29500, "Rendezvous TCP port on the first node.")
     max_restarts: int = knob(0, "Times a failed job is restarted from its last checkpoint.")
+    job_name: str = knob("sparsetron", "Slurm job name.")
+    slurm_tasks: str = knob(
+        "node",
+        "node: one Slurm task per node running torchrun; process: one task per process, ranks from "
+        "SLURM_PROCID (no torchrun).",
+    )
+    mpi: str = knob("openmpi", "MPI flavour of mpirun's options: openmpi or mpich.")
+    python: str | None = knob(
+        None, "Python on the nodes; null: the one running `sparsetron launch` (with venv: the venv's python)."
+    )
 
 
 @dataclass

@@ -1,0 +1,156 @@
+"""Exact commands a launch runs: per-node torchrun lines, the sbatch script and its srun line, mpirun.
+
+Pure functions of the cluster config, the resolved job config's path and the environment, so
+``sparsetron launch --dry-run`` prints precisely what a real launch executes and tests can check them.
+Every rank runs ``python -m sparsetron.train.worker <run_dir>/config.yaml``; how it learns its rank is the
+launcher's business (torchrun's env, ``SLURM_PROCID``, the MPI env), read by ``sparsetron.dist.discover``.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from sparsetron.config import ClusterConfig, Device
+
+WORKER_MODULE = "sparsetron.train.worker"
+
+
+def python_on_nodes(cluster: ClusterConfig) -> str:
+    """The interpreter every node runs: the venv's when one is configured."""
+    if cluster.venv:
+        return f"{cluster.venv.rstrip('/')}/bin/python"
+    return cluster.python or sys.executable
+
+
+def worker_argv(cluster: ClusterConfig, config_path: Path) -> list[str]:
+    """One rank's command (under srun in process mode, or mpirun)."""
+    return [python_on_nodes(cluster), "-m", WORKER_MODULE, str(config_path)]
+
+
+def torchrun_argv(
+    cluster: ClusterConfig, config_path: Path, log_dir: Path, *, endpoint: str | None, run_id: str
+) -> list[str]:
+    """One node's torchrun: all its processes, c10d rendezvous at ``endpoint`` (None: a standalone node).
+
+    Per-rank stdout/stderr go to files under ``log_dir`` (and to the console); ``cluster.max_restarts``
+    restarts the whole worker group after a failure, and the workers resume from the last checkpoint.
+    """
+    argv = [
+        python_on_nodes(cluster), "-m", "torch.distributed.run",
+        f"--nnodes={cluster.nodes}", f"--nproc-per-node={cluster.procs_per_node}",
+        f"--max-restarts={cluster.max_restarts}", f"--log-dir={log_dir}", "--redirects=3", "--tee=3",
+    ]  # fmt: skip
+    if endpoint is None:
+        argv.append("--standalone")
+    else:
+        argv += ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}"]
+    return [*argv, "-m", WORKER_MODULE, str(config_path)]
+
+
+def shell_join(argv: list[str]) -> str:
+    """``argv`` as one shell line; arguments holding ``$VARIABLES`` are double-quoted so they expand."""
+    return " ".join(f'"{a}"' if "$" in a else shlex.quote(a) for a in argv)
+
+
+def srun_argv(cluster: ClusterConfig, command: list[str]) -> list[str]:
+    """The job step: one task per node (torchrun inside) or one per process."""
+    per_node = 1 if cluster.slurm_tasks == "node" else cluster.procs_per_node
+    argv = ["srun", f"--nodes={cluster.nodes}", f"--ntasks-per-node={per_node}", "--kill-on-bad-exit=1"]
+    if cluster.container_image:
+        argv += [f"--container-image={cluster.container_image}", "--container-mounts=$PWD:$PWD"]
+    return [*argv, *command]
+
+
+def _sbatch_options(cluster: ClusterConfig, run_dir: Path) -> list[str]:
+    options = [
+        f"--job-name={cluster.job_name}",
+        f"--nodes={cluster.nodes}",
+        f"--ntasks-per-node={1 if cluster.slurm_tasks == 'node' else cluster.procs_per_node}",
+        f"--output={run_dir}/slurm-%j.out",
+        "--requeue",
+    ]
+    if cluster.device == Device.cuda:
+        options.append(f"--gpus-per-node={cluster.procs_per_node}")
+    for flag, value in (
+        ("partition", cluster.partition),
+        ("account", cluster.account),
+        ("time", cluster.time),
+        ("qos", cluster.qos),
+        ("constraint", cluster.constraint),
+    ):
+        if value:
+            options.append(f"--{flag}={value}")
+    if cluster.time:
+        # USR1 to the batch shell 2 minutes before the limit: it requeues the job, which resumes from the
+        # last complete checkpoint when it starts again.
+        options.append("--signal=B:USR1@120")
+    return options
+
+
+def sbatch_script(cluster: ClusterConfig, config_path: Path, run_dir: Path, env: dict[str, str]) -> str:
+    """The batch script ``sbatch`` runs: environment, rendezvous host check, requeue trap, the srun step.
+
+    The rendezvous host is the first of ``scontrol show hostnames``, resolved to an IPv4 address; a name that
+    does not resolve, or resolves to loopback on a multi-node job, stops the job with a message instead of
+    letting every node form a world of its own.
+    """
+    port = cluster.rdzv_port
+    if cluster.slurm_tasks == "node":
+        step = torchrun_argv(
+            cluster, config_path, run_dir / "logs" / "$SLURM_JOB_ID",
+            endpoint=f"$RDZV_HOST:{port}", run_id="$SLURM_JOB_ID",
+        )  # fmt: skip
+    else:
+        step = worker_argv(cluster, config_path)
+    lines = ["#!/bin/bash", *(f"#SBATCH {o}" for o in _sbatch_options(cluster, run_dir)), "set -euo pipefail"]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
+    if cluster.venv:
+        lines.append(f"source {shlex.quote(cluster.venv.rstrip('/') + '/bin/activate')}")
+    lines += [
+        'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        "RDZV_HOST=$(getent ahostsv4 \"$head_node\" | awk 'NR == 1 { print $1 }')",
+        # A loopback address is only right when every rank is on this one node.
+        'if [ -z "$RDZV_HOST" ] || { [[ "$RDZV_HOST" == 127.* ]] && [ "$SLURM_JOB_NUM_NODES" -gt 1 ]; }; then',
+        "  echo \"error: rendezvous host $head_node resolves to '${RDZV_HOST:-nothing}', not an address the"
+        ' other nodes reach; fix its /etc/hosts or DNS entry" >&2',
+        "  exit 1",
+        "fi",
+        f"export MASTER_ADDR=$RDZV_HOST MASTER_PORT={port}",
+        'echo "rendezvous at $RDZV_HOST:'
+        + str(port)
+        + ' on $SLURM_JOB_NUM_NODES node(s): $SLURM_JOB_NODELIST"',
+        'trap \'echo "time limit near: requeueing $SLURM_JOB_ID"; scontrol requeue "$SLURM_JOB_ID"\' USR1',
+        # In the background so the shell can take USR1 while the step runs.
+        shell_join(srun_argv(cluster, step)) + " &",
+        "wait $!",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def mpirun_argv(cluster: ClusterConfig, config_path: Path, env: dict[str, str]) -> list[str]:
+    """mpirun for every rank (Open MPI or MPICH spelling), passing ``env`` to all of them."""
+    total = cluster.nodes * cluster.procs_per_node
+    hosts = ",".join(f"{h}:{cluster.procs_per_node}" for h in cluster.hosts)
+    if cluster.mpi == "mpich":
+        argv = ["mpirun", "-n", str(total), "-ppn", str(cluster.procs_per_node)]
+        if cluster.hosts:
+            argv += ["-hosts", ",".join(cluster.hosts)]
+        for key, value in sorted(env.items()):
+            argv += ["-genv", key, value]
+    else:
+        argv = [
+            "mpirun",
+            "-np",
+            str(total),
+            "--map-by",
+            f"ppr:{cluster.procs_per_node}:node",
+            "--bind-to",
+            "none",
+        ]
+        if cluster.hosts:
+            argv += ["--host", hosts]
+        for key, value in sorted(env.items()):
+            argv += ["-x", f"{key}={value}"]
+    return [*argv, *worker_argv(cluster, config_path)]
