@@ -154,6 +154,9 @@ def execute(plan: LaunchPlan) -> int:
             raise LaunchError(f"sbatch failed ({done.returncode}): {done.stderr.strip()}")
         print(f"submitted Slurm job {done.stdout.strip().split(';')[0]} ({script})", flush=True)
         return 0
-    if cluster.scheduler == Scheduler.mpi and shutil.which("mpirun") is None:
-        raise LaunchError("mpirun is not on PATH; install Open MPI or MPICH (or --dry-run to inspect)")
+    if cluster.scheduler == Scheduler.mpi and shutil.which(plan.commands[0][0]) is None:
+        raise LaunchError(
+            "mpirun is not on PATH nor beside the nodes' python; install an MPI (`pip install mpich mpi4py`, "
+            "or Open MPI) or use --dry-run to inspect"
+        )
     return subprocess.run(plan.commands[0], env=env).returncode

@@ -129,19 +129,26 @@ def sbatch_script(cluster: ClusterConfig, config_path: Path, run_dir: Path, env:
     return "\n".join(lines) + "\n"
 
 
+def mpi_launcher(cluster: ClusterConfig) -> str:
+    """The ``mpirun`` beside the nodes' python (a venv's MPI, the one its mpi4py is built on), else PATH's."""
+    beside = Path(python_on_nodes(cluster)).parent / "mpirun"
+    return str(beside) if beside.exists() else "mpirun"
+
+
 def mpirun_argv(cluster: ClusterConfig, config_path: Path, env: dict[str, str]) -> list[str]:
     """mpirun for every rank (Open MPI or MPICH spelling), passing ``env`` to all of them."""
     total = cluster.nodes * cluster.procs_per_node
     hosts = ",".join(f"{h}:{cluster.procs_per_node}" for h in cluster.hosts)
+    launcher = mpi_launcher(cluster)
     if cluster.mpi == "mpich":
-        argv = ["mpirun", "-n", str(total), "-ppn", str(cluster.procs_per_node)]
+        argv = [launcher, "-n", str(total), "-ppn", str(cluster.procs_per_node)]
         if cluster.hosts:
             argv += ["-hosts", ",".join(cluster.hosts)]
         for key, value in sorted(env.items()):
             argv += ["-genv", key, value]
     else:
         argv = [
-            "mpirun",
+            launcher,
             "-np",
             str(total),
             "--map-by",
