@@ -551,7 +551,8 @@ real_init = dist.init_process_group
 
 
 def recording_init(*args, **kwargs):
-    init_methods.append(kwargs.get("init_method"))
+    store = kwargs.get("store")
+    init_methods.append(kwargs.get("init_method") or type(store).__name__)
     return real_init(*args, **kwargs)
 
 
@@ -609,8 +610,8 @@ def test_real_torchrun(tmp_path: Path) -> None:
     assert {r["launcher"] for r in results} == {"torchrun"}
     assert {(r["world_size"], r["local_world_size"]) for r in results} == {(2, 2)}
     assert len({(r["master_addr"], r["master_port"]) for r in results}) == 1
-    # torchrun's MASTER_PORT is its agent's store: env:// joins it instead of opening a second one there.
-    assert [r["init_methods"] for r in results] == [["env://"]] * 2
+    # torchrun's MASTER_PORT is its agent's store: joined as a client under a per-attempt key prefix.
+    assert [r["init_methods"] for r in results] == [["PrefixStore"]] * 2
     assert {r["sum"] for r in results} == {1.0}
 
 

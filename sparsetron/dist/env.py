@@ -444,15 +444,34 @@ def init_distributed(
             ) from exc
     if device_type == "cuda":
         torch.cuda.set_device(penv.local_rank)
-    # torchrun's agent already serves a store at MASTER_PORT; env:// joins it (TORCHELASTIC_USE_AGENT_STORE)
-    # rather than relying on torch to notice that a tcp:// address points at the same store.
     host = (
         f"[{penv.master_addr}]" if ":" in penv.master_addr else penv.master_addr
     )  # IPv6 literals need brackets
-    init_method = "env://" if penv.launcher == "torchrun" else f"tcp://{host}:{penv.master_port}"
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if penv.launcher == "torchrun" and restart is not None:
+        # torchrun's agent serves the store at MASTER_PORT (TORCHELASTIC_USE_AGENT_STORE): join it as a
+        # client. A restarted worker group reuses that store, whose keys still hold the dead attempt's Gloo
+        # addresses (torch 2.13: attempt 1 connects to a port of attempt 0 and fails), so every attempt gets
+        # its own key prefix.
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(
+            penv.master_addr,
+            penv.master_port,
+            penv.world_size,
+            is_master=not agent_store and penv.rank == 0,
+            timeout=timeout,
+        )
+        dist.init_process_group(
+            backend=default_backend(device_type),
+            store=dist.PrefixStore(f"sparsetron/attempt_{restart}", store),
+            rank=penv.rank,
+            world_size=penv.world_size,
+            timeout=timeout,
+        )
+        return
     dist.init_process_group(
         backend=default_backend(device_type),
-        init_method=init_method,
+        init_method=f"tcp://{host}:{penv.master_port}",
         rank=penv.rank,
         world_size=penv.world_size,
         timeout=timeout,
