@@ -249,9 +249,12 @@ PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 @app.command(context_settings=PASSTHROUGH)
 def launch(
     ctx: typer.Context,
-    cluster_yaml: Annotated[Path, typer.Argument(help="Cluster YAML (a `cluster:` section; configs/cluster/).")],
+    cluster_yaml: Annotated[
+        Path, typer.Argument(help="Cluster YAML (a `cluster:` section; configs/cluster/).")
+    ],
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the resolved config, env and exact commands; run nothing.")
+        bool,
+        typer.Option("--dry-run", help="Print the resolved config, env and exact commands; run nothing."),
     ] = False,
 ) -> None:
     """Launch a job on local/torchrun/Slurm/MPI: `sparsetron launch CLUSTER.yaml [--dry-run] -- train CONFIG [k=v]`.

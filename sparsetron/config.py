@@ -352,7 +352,9 @@ class ClusterConfig:
         "NIC the nodes reach each other on (NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME), e.g. eth0 or ib0; "
         "null: the profile's default. `ip -br addr` lists them.",
     )
-    ib_hca: str | None = knob(None, "InfiniBand/RoCE adapters for NCCL_IB_HCA, e.g. mlx5_0,mlx5_1; null: mlx5.")
+    ib_hca: str | None = knob(
+        None, "InfiniBand/RoCE adapters for NCCL_IB_HCA, e.g. mlx5_0,mlx5_1; null: mlx5."
+    )
     flight_recorder_dir: str | None = knob(
         None, "Where the NCCL flight recorder dumps each rank's last collectives on a timeout; null: off."
     )

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from sparsetron.cli import app
 from sparsetron.config import ClusterConfig, NetworkProfile
 from sparsetron.launch import LaunchError, plan_launch
-from sparsetron.launch.network import network_env
+from sparsetron.launch import plan as launch_plan
+from sparsetron.launch.network import interface_ipv4, is_local_ipv4, network_env
 
 CLUSTERS = REPO / "configs" / "cluster"
 DEMO = str(REPO / "configs" / "train" / "demo.yaml")
@@ -79,14 +80,66 @@ def test_mpirun_lines(tmp_path, flavour, expected):
     assert passed in " ".join(argv)
 
 
-def test_torchrun_nodes_rendezvous_at_the_first_host(tmp_path):
+@pytest.fixture
+def node_at(monkeypatch):
+    """Make this machine the node whose cluster.network_interface has ``address`` (and only that address)."""
+
+    def place(address: str) -> None:
+        monkeypatch.setattr(launch_plan, "interface_ipv4", lambda interface: address)
+        monkeypatch.setattr(launch_plan, "is_local_ipv4", lambda other: other == address)
+
+    return place
+
+
+@pytest.mark.parametrize(("address", "is_host"), [("10.0.0.1", "true"), ("10.0.0.2", "false")])
+def test_torchrun_nodes_rendezvous_at_the_first_host(tmp_path, node_at, address, is_host):
+    node_at(address)
     (argv,) = _plan("torchrun-two-hosts.yaml", tmp_path).commands
     assert argv[1:3] == ["-m", "torch.distributed.run"]
     for part in ("--nnodes=2", "--nproc-per-node=2", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400",
-                 "--rdzv-id=sparsetron", f"--log-dir={tmp_path / 'run' / 'logs'}"):  # fmt: skip
+                 "--rdzv-id=sparsetron", f"--log-dir={tmp_path / 'run' / 'logs'}",
+                 # Each node advertises its own address; only the first serves the rendezvous store.
+                 f"--local-addr={address}", f"--rdzv-conf=is_host={is_host}"):  # fmt: skip
         assert part in argv, part
     (local,) = _plan("local-cpu.yaml", tmp_path).commands
     assert "--standalone" in local and "--nproc-per-node=4" in local
+    assert not any(a.startswith(("--local-addr", "--rdzv-conf")) for a in local)
+
+
+def test_torchrun_node_without_the_interface_is_refused(tmp_path):
+    with pytest.raises(LaunchError, match="there is no network interface 'sthnone0' on this node"):
+        _plan("torchrun-two-hosts.yaml", tmp_path, "cluster.network_interface=sthnone0")
+
+
+def test_torchrun_interface_without_ipv4_is_refused_with_the_fix(tmp_path, monkeypatch):
+    def no_ipv4(interface: str) -> str:
+        raise LookupError(f"network interface {interface!r} has no IPv4 address on this node")
+
+    monkeypatch.setattr(launch_plan, "interface_ipv4", no_ipv4)
+    with pytest.raises(LaunchError, match="refusing to launch(.|\n)*'eth0' has no IPv4 address"):
+        _plan("torchrun-two-hosts.yaml", tmp_path)
+
+
+def test_torchrun_rendezvous_on_loopback_is_refused(tmp_path, node_at):
+    node_at("10.0.0.2")
+    with pytest.raises(LaunchError, match="hosts\\[0\\]=127.0.0.1 resolves to loopback"):
+        _plan("torchrun-two-hosts.yaml", tmp_path, "cluster.hosts=[127.0.0.1,10.0.0.2]")
+
+
+def test_torchrun_across_nodes_needs_an_interface_on_every_profile(tmp_path):
+    with pytest.raises(LaunchError, match="each node advertises its address on it"):
+        _plan(
+            "torchrun-two-hosts.yaml",
+            tmp_path,
+            "cluster.network_profile=ib",
+            "cluster.network_interface=null",
+        )
+
+
+def test_interface_ipv4_reads_the_kernel():
+    assert interface_ipv4("lo") == "127.0.0.1"
+    assert is_local_ipv4("127.0.0.1")
+    assert not is_local_ipv4("198.51.100.254")  # TEST-NET-2: for documentation, assigned to no machine
 
 
 def test_dry_run_prints_config_env_and_commands_and_writes_nothing(tmp_path):

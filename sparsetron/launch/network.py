@@ -9,6 +9,12 @@ last, so any variable can be overridden.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import ipaddress
+import socket
+import struct
+
 from sparsetron.config import ClusterConfig, NetworkProfile
 
 # NCCL accepts an exclusion list; Gloo needs one concrete interface, so it is only set when known.
@@ -63,3 +69,69 @@ def network_problems(cluster: ClusterConfig) -> list[str]:
             "reach each other on, e.g. eth0; `ip -br addr` lists them) so Gloo does not bind to loopback"
         )
     return problems
+
+
+# <linux/sockios.h>: read an interface's (primary) IPv4 address; ifreq is 16 bytes of name, then a sockaddr_in.
+_SIOCGIFADDR = 0x8915
+_IFNAMSIZ = 16
+
+
+def interface_ipv4(interface: str) -> str:
+    """This node's IPv4 address on ``interface`` (its primary one), asked of the kernel (Linux).
+
+    Raises LookupError naming the interface and the fix when it does not exist or has no IPv4 address.
+    """
+    name = interface.encode()
+    if not name or len(name) >= _IFNAMSIZ:
+        raise LookupError(f"{interface!r} is not a network interface name (1 to {_IFNAMSIZ - 1} bytes)")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            ifreq = fcntl.ioctl(probe.fileno(), _SIOCGIFADDR, struct.pack("256s", name))
+        except OSError as exc:
+            here = socket.gethostname()
+            if exc.errno == errno.ENODEV:
+                raise LookupError(
+                    f"there is no network interface {interface!r} on this node ({here}); set "
+                    "cluster.network_interface to the NIC the nodes reach each other on (`ip -4 -br addr` "
+                    "lists them)"
+                ) from exc
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise LookupError(
+                    f"network interface {interface!r} has no IPv4 address on this node ({here}); give it one "
+                    f"(`ip addr add ADDR/PREFIX dev {interface}`) or set cluster.network_interface to the NIC "
+                    "the nodes reach each other on (`ip -4 -br addr` lists them)"
+                ) from exc
+            raise LookupError(f"cannot read the IPv4 address of {interface!r}: {exc}") from exc
+    return socket.inet_ntoa(ifreq[20:24])
+
+
+def resolve_ipv4(host: str) -> list[str]:
+    """The IPv4 addresses ``host`` (a name or an address) resolves to here; LookupError when none."""
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise LookupError(
+            f"host {host!r} does not resolve to an IPv4 address on this node: {exc}; list the nodes by "
+            "address or fix their /etc/hosts or DNS entries"
+        ) from exc
+    return sorted({info[4][0] for info in infos})
+
+
+def is_local_ipv4(address: str) -> bool:
+    """Whether ``address`` belongs to this node (in this network namespace): only then can it be bound.
+
+    Binding is the kernel's own answer, secondary addresses and every interface included.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((address, 0))
+        except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return False
+            raise
+    return True
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``address`` is a loopback address (127.0.0.0/8), reachable from this node only."""
+    return ipaddress.ip_address(address).is_loopback

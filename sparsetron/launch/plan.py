@@ -14,10 +14,17 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparsetron.config import Config, Scheduler, load_config, to_yaml, write_resolved
+from sparsetron.config import ClusterConfig, Config, Scheduler, load_config, to_yaml, write_resolved
 from sparsetron.dist.errors import LayoutError
 from sparsetron.dist.preflight import check_job
-from sparsetron.launch.network import network_env, network_problems
+from sparsetron.launch.network import (
+    interface_ipv4,
+    is_local_ipv4,
+    is_loopback,
+    network_env,
+    network_problems,
+    resolve_ipv4,
+)
 from sparsetron.launch.render import mpirun_argv, sbatch_script, shell_join, torchrun_argv
 
 
@@ -75,6 +82,46 @@ def _cluster_problems(cfg: Config) -> list[str]:
     return problems
 
 
+@dataclass(frozen=True)
+class TorchrunNode:
+    """What one node of a multi-node torchrun job must tell torchrun about itself."""
+
+    #: This node's IPv4 address on ``cluster.network_interface``: advertised to the other nodes.
+    local_addr: str
+    #: Whether ``cluster.hosts[0]`` is this node, which then serves the rendezvous store.
+    is_host: bool
+
+
+def torchrun_node(cluster: ClusterConfig) -> TorchrunNode | str:
+    """This node's part in a multi-node torchrun job, looked up here; a problem with its fix when it cannot be.
+
+    torchrun would otherwise resolve its own host name for both, which goes wrong whenever that name maps
+    to loopback or to another namespace's address: the nodes' workers get a MASTER_ADDR they cannot reach,
+    or no node serves the store at ``hosts[0]`` and the rendezvous times out.
+    """
+    if not cluster.network_interface:
+        return (
+            f"cluster.scheduler=torchrun on {cluster.nodes} nodes needs cluster.network_interface (the NIC the "
+            "nodes reach each other on, e.g. eth0; `ip -4 -br addr` lists them): each node advertises its "
+            "address on it"
+        )
+    try:
+        local_addr = interface_ipv4(cluster.network_interface)
+    except LookupError as exc:
+        return f"cluster.network_interface={cluster.network_interface}: {exc}"
+    try:
+        rendezvous = resolve_ipv4(cluster.hosts[0])
+    except LookupError as exc:
+        return f"cluster.hosts[0]={cluster.hosts[0]}: {exc}"
+    if any(is_loopback(a) for a in rendezvous):
+        return (
+            f"cluster.hosts[0]={cluster.hosts[0]} resolves to loopback ({', '.join(rendezvous)}), which the "
+            "other nodes cannot reach; list the first node by an address on cluster.network_interface "
+            f"(this node's is {local_addr})"
+        )
+    return TorchrunNode(local_addr, is_host=any(is_local_ipv4(a) for a in rendezvous))
+
+
 def plan_launch(cluster_yaml: str | Path, train_args: list[str]) -> LaunchPlan:
     """Preflight and plan ``train CONFIG... key=value...`` on the cluster of ``cluster_yaml``.
 
@@ -89,6 +136,12 @@ def plan_launch(cluster_yaml: str | Path, train_args: list[str]) -> LaunchPlan:
     # The cluster file outranks the training configs' own `cluster:` defaults; command-line overrides win.
     cfg = load_config([*files, cluster_yaml], overrides)
     problems = _cluster_problems(cfg)
+    node: TorchrunNode | str | None = None
+    if cfg.cluster.scheduler == Scheduler.torchrun and cfg.cluster.nodes > 1 and not problems:
+        # Only a well-formed cluster is worth looking up (hosts listed, interface named).
+        node = torchrun_node(cfg.cluster)
+        if isinstance(node, str):
+            problems.append(node)
     world = cfg.cluster.nodes * cfg.cluster.procs_per_node
     if world >= 1:
         try:
@@ -112,8 +165,14 @@ def plan_launch(cluster_yaml: str | Path, train_args: list[str]) -> LaunchPlan:
         commands = [mpirun_argv(cluster, config_path, env)]
     else:
         logs = run_dir / "logs"
-        endpoint = None if cluster.nodes == 1 else f"{cluster.hosts[0]}:{cluster.rdzv_port}"
-        commands = [torchrun_argv(cluster, config_path, logs, endpoint=endpoint, run_id=cluster.job_name)]
+        if isinstance(node, TorchrunNode):
+            argv = torchrun_argv(
+                cluster, config_path, logs, endpoint=f"{cluster.hosts[0]}:{cluster.rdzv_port}",
+                run_id=cluster.job_name, local_addr=node.local_addr, is_host=node.is_host,
+            )  # fmt: skip
+        else:
+            argv = torchrun_argv(cluster, config_path, logs, endpoint=None, run_id=cluster.job_name)
+        commands = [argv]
     return LaunchPlan(cfg, config_path, env, commands, sbatch)
 
 
@@ -130,7 +189,11 @@ def describe(plan: LaunchPlan) -> str:
     ]
     if plan.sbatch is not None:
         parts += [f"# batch script (written to {plan.commands[0][-1]}):", plan.sbatch.rstrip()]
-    where = "on every node" if cluster.scheduler == Scheduler.torchrun and cluster.nodes > 1 else "here"
+    where = (
+        "on every node; each looks up its own --local-addr and --rdzv-conf=is_host"
+        if cluster.scheduler == Scheduler.torchrun and cluster.nodes > 1
+        else "here"
+    )
     parts += [f"# command ({where}):", *(shell_join(c) for c in plan.commands)]
     return "\n".join(parts) + "\n"
 

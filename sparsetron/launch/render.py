@@ -30,12 +30,23 @@ def worker_argv(cluster: ClusterConfig, config_path: Path) -> list[str]:
 
 
 def torchrun_argv(
-    cluster: ClusterConfig, config_path: Path, log_dir: Path, *, endpoint: str | None, run_id: str
+    cluster: ClusterConfig,
+    config_path: Path,
+    log_dir: Path,
+    *,
+    endpoint: str | None,
+    run_id: str,
+    local_addr: str | None = None,
+    is_host: bool | None = None,
 ) -> list[str]:
     """One node's torchrun: all its processes, c10d rendezvous at ``endpoint`` (None: a standalone node).
 
     Per-rank stdout/stderr go to files under ``log_dir`` (and to the console); ``cluster.max_restarts``
     restarts the whole worker group after a failure, and the workers resume from the last checkpoint.
+    ``local_addr`` is the address this node advertises to the others (its workers' MASTER_ADDR when it is the
+    rendezvous's rank 0); without it torchrun takes its host name, which may resolve to an address the
+    other nodes cannot reach (loopback, another network namespace). ``is_host`` says whether this node
+    serves the rendezvous store at ``endpoint``; without it torchrun guesses from its host name, the same way.
     """
     argv = [
         python_on_nodes(cluster), "-m", "torch.distributed.run",
@@ -46,6 +57,10 @@ def torchrun_argv(
         argv.append("--standalone")
     else:
         argv += ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}"]
+        if is_host is not None:
+            argv.append(f"--rdzv-conf=is_host={str(is_host).lower()}")
+        if local_addr is not None:
+            argv.append(f"--local-addr={local_addr}")
     return [*argv, "-m", WORKER_MODULE, str(config_path)]
 
 
@@ -69,6 +84,7 @@ def _sbatch_options(cluster: ClusterConfig, run_dir: Path) -> list[str]:
         f"--nodes={cluster.nodes}",
         f"--ntasks-per-node={1 if cluster.slurm_tasks == 'node' else cluster.procs_per_node}",
         f"--output={run_dir}/slurm-%j.out",
+        "--open-mode=append",  # a requeued job adds to its output instead of erasing the first run's
         "--requeue",
     ]
     if cluster.device == Device.cuda:
