@@ -362,7 +362,10 @@ class ClusterConfig:
         factory=list,
         doc="torchrun/mpi without Slurm: the nodes' hostnames or addresses, the first hosting the rendezvous.",
     )
-    rdzv_port: int = knob(29500, "Rendezvous TCP port on the first node.")
+    rdzv_port: int = knob(
+        29500,
+        "Rendezvous TCP port on the first node; 0 under Slurm: 20000 + job id mod 20000 (jobs sharing a node).",
+    )
     max_restarts: int = knob(0, "Times a failed job is restarted from its last checkpoint.")
     job_name: str = knob("sparsetron", "Slurm job name.")
     slurm_tasks: str = knob(

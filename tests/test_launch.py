@@ -36,7 +36,8 @@ def test_slurm_script_rendezvous_on_the_first_allocated_host(tmp_path):
                  "#SBATCH --partition=gpu", "#SBATCH --account=my-account", "#SBATCH --time=04:00:00",
                  "#SBATCH --signal=B:USR1@120", "#SBATCH --requeue",
                  "export NCCL_IB_HCA=mlx5_0,mlx5_1,mlx5_2,mlx5_3", "export NCCL_SOCKET_IFNAME=ib0",
-                 "source /shared/envs/sparsetron/bin/activate"):  # fmt: skip
+                 "source /shared/envs/sparsetron/bin/activate", "RDZV_PORT=29500",
+                 "export MASTER_ADDR=$RDZV_HOST MASTER_PORT=$RDZV_PORT"):  # fmt: skip
         assert line in script.splitlines(), line
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in script
     assert '[[ "$RDZV_HOST" == 127.* ]]' in script and "exit 1" in script  # never a silent localhost
@@ -45,13 +46,21 @@ def test_slurm_script_rendezvous_on_the_first_allocated_host(tmp_path):
     assert srun.startswith(
         "srun --nodes=4 --ntasks-per-node=1 --kill-on-bad-exit=1 /shared/envs/sparsetron/bin/python"
     )
-    for part in ('"--rdzv-endpoint=$RDZV_HOST:29500"', '"--rdzv-id=$SLURM_JOB_ID"', "--rdzv-backend=c10d",
+    for part in ('"--rdzv-endpoint=$RDZV_HOST:$RDZV_PORT"', '"--rdzv-id=$SLURM_JOB_ID"', "--rdzv-backend=c10d",
                  "--nnodes=4", "--nproc-per-node=8", "--max-restarts=2", "-m sparsetron.train.worker",
                  str(tmp_path / "run" / "config.yaml")):  # fmt: skip
         assert part in srun, part
     assert plan.commands == [["sbatch", "--parsable", str(tmp_path / "run" / "launch" / "job.sbatch")]]
     bash = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
     assert bash.returncode == 0, bash.stderr  # the script parses
+
+
+def test_slurm_port_zero_is_derived_from_the_job_id(tmp_path):
+    plan = _plan("slurm-multinode.yaml", tmp_path, "cluster.rdzv_port=0", "parallel.dp_replicate=4",
+                 "parallel.dp_shard=2", "parallel.cp=4", "checkpoint.interval=50")  # fmt: skip
+    assert "RDZV_PORT=$((20000 + SLURM_JOB_ID % 20000))" in plan.sbatch.splitlines()
+    with pytest.raises(LaunchError, match="0, from the job id, only under Slurm"):
+        _plan("torchrun-two-hosts.yaml", tmp_path, "cluster.rdzv_port=0")
 
 
 def test_slurm_process_mode_runs_one_task_per_rank_without_torchrun(tmp_path):

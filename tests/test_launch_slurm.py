@@ -109,9 +109,10 @@ def test_single_node_slurm_job_trains(tmp_path):
 
 @pytest.mark.parametrize(("tasks", "launcher"), [("node", "torchrun"), ("process", "slurm")])
 def test_two_node_slurm_job_trains_across_hosts(two_nodes, tmp_path, tasks, launcher):
+    # rdzv_port 0: the script derives the port from the job id.
     cluster = _cluster_yaml(tmp_path / "cluster.yaml", two_nodes, nodes=2, procs_per_node=2,
                             network_profile="socket", network_interface=two_nodes.interface,
-                            slurm_tasks=tasks)  # fmt: skip
+                            slurm_tasks=tasks, rdzv_port=0)  # fmt: skip
     run_dir = tmp_path / "run"
     info = _launch_and_wait(two_nodes, cluster, run_dir, "parallel.dp_replicate=2", "parallel.dp_shard=2")
     assert info["NodeList"] == "n[1-2]"

@@ -72,8 +72,13 @@ def _cluster_problems(cfg: Config) -> list[str]:
         problems.append(f"cluster.slurm_tasks={cluster.slurm_tasks!r} must be node or process")
     if cluster.mpi not in ("openmpi", "mpich"):
         problems.append(f"cluster.mpi={cluster.mpi!r} must be openmpi or mpich")
-    if not 0 < cluster.rdzv_port < 65536:
-        problems.append(f"cluster.rdzv_port={cluster.rdzv_port} is not a TCP port (1–65535)")
+    if not 0 <= cluster.rdzv_port < 65536 or (
+        cluster.rdzv_port == 0 and cluster.scheduler == Scheduler.torchrun
+    ):
+        problems.append(
+            f"cluster.rdzv_port={cluster.rdzv_port} is not a TCP port (1–65535; 0, from the job id, only under "
+            "Slurm)"
+        )
     if cluster.max_restarts > 0 and cfg.checkpoint.interval == 0:
         problems.append(
             f"cluster.max_restarts={cluster.max_restarts} restarts from the last checkpoint, but "

@@ -112,11 +112,10 @@ def sbatch_script(cluster: ClusterConfig, config_path: Path, run_dir: Path, env:
     does not resolve, or resolves to loopback on a multi-node job, stops the job with a message instead of
     letting every node form a world of its own.
     """
-    port = cluster.rdzv_port
     if cluster.slurm_tasks == "node":
         step = torchrun_argv(
             cluster, config_path, run_dir / "logs" / "$SLURM_JOB_ID",
-            endpoint=f"$RDZV_HOST:{port}", run_id="$SLURM_JOB_ID",
+            endpoint="$RDZV_HOST:$RDZV_PORT", run_id="$SLURM_JOB_ID",
         )  # fmt: skip
     else:
         step = worker_argv(cluster, config_path)
@@ -133,10 +132,10 @@ def sbatch_script(cluster: ClusterConfig, config_path: Path, run_dir: Path, env:
         ' other nodes reach; fix its /etc/hosts or DNS entry" >&2',
         "  exit 1",
         "fi",
-        f"export MASTER_ADDR=$RDZV_HOST MASTER_PORT={port}",
-        'echo "rendezvous at $RDZV_HOST:'
-        + str(port)
-        + ' on $SLURM_JOB_NUM_NODES node(s): $SLURM_JOB_NODELIST"',
+        # rdzv_port 0: a port from the job id, so jobs sharing a node do not collide on one port.
+        f"RDZV_PORT={cluster.rdzv_port or '$((20000 + SLURM_JOB_ID % 20000))'}",
+        "export MASTER_ADDR=$RDZV_HOST MASTER_PORT=$RDZV_PORT",
+        'echo "rendezvous at $RDZV_HOST:$RDZV_PORT on $SLURM_JOB_NUM_NODES node(s): $SLURM_JOB_NODELIST"',
         'trap \'echo "time limit near: requeueing $SLURM_JOB_ID"; scontrol requeue "$SLURM_JOB_ID"\' USR1',
         # In the background so the shell can take USR1 while the step runs.
         shell_join(srun_argv(cluster, step)) + " &",
