@@ -274,14 +274,86 @@ def launch(
     raise typer.Exit(code)
 
 
-@app.command(context_settings=PASSTHROUGH)
-def convert(ctx: typer.Context) -> None:
-    """Convert checkpoints between HF safetensors, sparsetron DCP, Megatron-core, DeepSpeed and zarr."""
-    _later(
-        "convert",
-        "checkpoint conversion arrives with the checkpoint-conversion issue",
-        "No converter is installed in this version.",
-    )
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def _parse_size(text: str) -> int:
+    """``512MiB`` / ``2GiB`` / ``1048576`` → bytes."""
+    import re
+
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*", text.lower())
+    unit = found.group(2) if found else None
+    unit = {"k": "kib", "m": "mib", "g": "gib", "t": "tib"}.get(unit, unit)
+    if not found or unit not in _SIZE_UNITS:
+        raise typer.BadParameter(f"{text!r} is not a size; write e.g. 512MiB, 4GiB or a number of bytes")
+    return int(float(found.group(1)) * _SIZE_UNITS[unit])
+
+
+@app.command()
+def convert(
+    paths: Annotated[list[Path], typer.Argument(help="SRC OUT, or with --compare the two checkpoints A B.")],
+    to: Annotated[str | None, typer.Option("--to", help="Output format: hf, dcp, zarr, deepspeed.")] = None,
+    source_format: Annotated[
+        str | None, typer.Option("--from", help="Input format (default: detected from the files).")
+    ] = None,
+    model_type: Annotated[
+        str | None, typer.Option(help="--to hf: mixtral, qwen2_moe or qwen3_moe (default: from the source).")
+    ] = None,
+    replica: Annotated[
+        int | None, typer.Option(help="--from dcp: which replica of a DiLoCo/SparseLoCo checkpoint to read.")
+    ] = None,
+    max_memory: Annotated[
+        str | None, typer.Option(help="Refuse to hold more than this per streamed layer, e.g. 4GiB.")
+    ] = None,
+    check_output: Annotated[
+        bool, typer.Option("--check", help="Re-read the output and compare keys, shapes, dtypes and hashes.")
+    ] = False,
+    compare_paths: Annotated[
+        bool, typer.Option("--compare", help="Print each tensor's max |A − B| for two checkpoints A B.")
+    ] = False,
+) -> None:
+    """Convert checkpoints between HF safetensors, sparsetron DCP, DeepSpeed and zarr (model weights).
+
+    `sparsetron convert hf-dir out --to dcp --check`; `sparsetron convert --compare A B`. Every output is
+    written atomically and carries sparsetron-conversion.json (source, versions, mapping version, hashes)."""
+    from sparsetron.checkpoint.convert.neutral import ConversionError
+    from sparsetron.checkpoint.convert.run import check, compare, detect_format, reader_for, writer_for
+    from sparsetron.checkpoint.convert.run import convert as run_conversion
+
+    def read(path: Path, fmt: str | None, **options):
+        fmt = fmt or detect_format(path)
+        return reader_for(fmt, path, **{k: v for k, v in options.items() if v is not None})
+
+    try:
+        if compare_paths:
+            if len(paths) != 2:
+                raise _fail("--compare takes two checkpoints: sparsetron convert --compare A B")
+            rows = compare(read(paths[0], source_format), read(paths[1], None))
+            table = Table(title=f"max |A − B|: {paths[0]} vs {paths[1]}")
+            table.add_column("tensor")
+            table.add_column("max abs diff", justify="right")
+            for key, diff in rows:
+                table.add_row(key, f"{diff:.3g}")
+            stdout.print(table)
+            return
+        if len(paths) != 2 or to is None:
+            raise _fail("usage: sparsetron convert SRC OUT --to FORMAT [--check]  (or --compare A B)")
+        source, out = paths
+        options = {"replica": replica} if replica is not None else {}
+        writer_options = {"model_type": model_type} if to == "hf" and model_type else {}
+        hashes = run_conversion(
+            read(source, source_format, **options),
+            writer_for(to, out, **writer_options),
+            max_memory=_parse_size(max_memory) if max_memory else None,
+        )
+        stdout.print(f"wrote {len(hashes)} tensors to {out} ({to}); model weights only")
+        if check_output:
+            problems = check(read(source, source_format, **options), read(out, to))
+            if problems:
+                raise _fail("--check found differences:\n" + "\n".join(problems[:50]), code=1)
+            stdout.print(f"--check: every tensor of {out} equals the source (keys, shapes, dtypes, bits)")
+    except ConversionError as exc:
+        raise _fail(str(exc)) from exc
 
 
 @app.command(context_settings=PASSTHROUGH)

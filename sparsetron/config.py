@@ -324,6 +324,12 @@ class CheckpointConfig:
     keep_last: int = knob(2, "Complete checkpoints to keep; older ones are deleted.")
     resume: bool = knob(True, "Resume from the newest complete checkpoint in the run dir when there is one.")
     dir: str | None = knob(None, "Checkpoint directory; null means <run_dir>/checkpoints.")
+    init_from: str | None = knob(
+        None,
+        "Start from this checkpoint's model weights when there is nothing to resume: a sparsetron DCP "
+        "checkpoint (step-<step>/, or `sparsetron convert` output, e.g. from HF), at any layout; the "
+        "optimizer starts fresh.",
+    )
 
 
 @dataclass

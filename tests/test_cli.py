@@ -67,7 +67,7 @@ def test_config_docs_lists_keys_with_defaults():
     assert invoke("config", "docs", "nosuch").exit_code == 2
 
 
-@pytest.mark.parametrize("command", ["convert", "bench"])
+@pytest.mark.parametrize("command", ["bench"])
 def test_later_commands_say_so_clearly(command):
     result = invoke(command, "anything", "--flag")
     assert result.exit_code == 2

@@ -36,9 +36,11 @@ from torch import nn
 # DCP's own flattening, so the keys validated before a load are exactly the keys DCP then reads.
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
@@ -211,6 +213,50 @@ class Checkpointer:
         )
         _restore_rng(rng)
         return trainer_state
+
+    def load_model(self, path: str | Path, model: nn.Module) -> None:
+        """Load only the model weights of checkpoint ``path`` into ``model``, resharding to its layout.
+
+        ``path`` is any sparsetron DCP checkpoint: a training checkpoint (``model.*``, or replica 0's
+        ``replica-00000.model.*``) or a model-only one written by ``sparsetron convert``. Stored dtypes are
+        converted to the model's (a bf16 conversion of an HF checkpoint into fp32 master weights). The router
+        bias buffers of the aux-loss-free balancer may be absent (they start at zero). Collective over the
+        default process group; every rank checks the same metadata, so all raise the same CheckpointError
+        (listing every missing or misshapen tensor) before anything is written.
+        """
+        _require_process_group("Checkpointer.load_model")
+        path = Path(path)
+        specs = _tensor_specs(_read_metadata(path))
+        prefix = "model." if any(k.startswith("model.") for k in specs) else f"{replica_prefix(0)}.model."
+        ours = get_model_state_dict(model)
+        problems = []
+        for key, value in ours.items():
+            saved = specs.get(prefix + key)
+            if saved is None:
+                if not key.endswith("expert_bias"):
+                    problems.append(
+                        f"'{prefix + key}' {_describe(value.shape, value.dtype)} is not in the checkpoint"
+                    )
+            elif tuple(saved[0]) != tuple(value.shape):
+                problems.append(
+                    f"'{prefix + key}' is {_describe(*saved)} in the checkpoint, {_describe(value.shape, value.dtype)} in the model"
+                )
+        if problems:
+            raise CheckpointError(f"checkpoint {path} does not fit the model:\n  " + "\n  ".join(problems))
+        # Destinations in the stored dtype with the model's placements (DTensor.to keeps them).
+        staged = {prefix + k: v.to(specs[prefix + k][1]) for k, v in ours.items() if prefix + k in specs}
+        try:
+            dcp.load(
+                staged,
+                storage_reader=dcp.FileSystemReader(path),
+                planner=dcp.DefaultLoadPlanner(allow_partial_load=True),
+            )
+        except dcp.CheckpointException as exc:
+            raise CheckpointError(
+                f"checkpoint {path}: reading the model failed: {_failure_text(exc)}"
+            ) from exc
+        loaded = {k: staged[prefix + k] for k in ours if prefix + k in staged}
+        set_model_state_dict(model, loaded, options=StateDictOptions(strict=False))
 
     def _make_scratch_dir(self, step: int) -> str:
         """Rank 0: remove crashed saves' leftovers, refuse to go back in steps, create the scratch directory."""

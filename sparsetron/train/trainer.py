@@ -367,12 +367,18 @@ def train(
         start_step, tokens_seen = state["step"], state["tokens"]
         loader.load_state_dict(state["data"])
         last_checkpoint = latest
+    elif cfg.checkpoint.init_from:
+        checkpointer.load_model(cfg.checkpoint.init_from, model)
+        if outer is not None:
+            outer = build_outer_step(model, cfg, mesh)  # its θ is a copy of the weights: take the loaded ones
 
     metrics = MetricsLog(run_dir, enabled=is_main, resume_step=start_step if latest is not None else None)
     progress = ProgressLine(cfg.train.steps, start_step, enabled=is_main, every=cfg.train.log_every)
     live = LivePublisher(model, cfg.sync, progress.print) if cfg.sync.serve else None
     if latest is not None:
         progress.print(f"resumed from {latest} at step {start_step}")
+    elif cfg.checkpoint.init_from:
+        progress.print(f"model weights from {cfg.checkpoint.init_from}")
     micro_batches = global_seqs // (dims.dp * cfg.train.micro_batch_size)
     comm_bytes = fsdp_comm_bytes_per_step(model, mesh, micro_batches, sync_replicas=not local)
     flops_per_token = _flops_per_token(cfg)
