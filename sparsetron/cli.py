@@ -302,6 +302,12 @@ def convert(
     replica: Annotated[
         int | None, typer.Option(help="--from dcp: which replica of a DiLoCo/SparseLoCo checkpoint to read.")
     ] = None,
+    model_config: Annotated[
+        Path | None,
+        typer.Option(
+            help="--from deepspeed: a sparsetron config YAML whose model: section the checkpoint holds."
+        ),
+    ] = None,
     max_memory: Annotated[
         str | None, typer.Option(help="Refuse to hold more than this per streamed layer, e.g. 4GiB.")
     ] = None,
@@ -339,16 +345,26 @@ def convert(
         if len(paths) != 2 or to is None:
             raise _fail("usage: sparsetron convert SRC OUT --to FORMAT [--check]  (or --compare A B)")
         source, out = paths
-        options = {"replica": replica} if replica is not None else {}
-        writer_options = {"model_type": model_type} if to == "hf" and model_type else {}
+        options: dict = {"replica": replica} if replica is not None else {}
+        if model_config is not None:
+            options["model_cfg"] = _load([str(model_config)]).model
+        reader = read(source, source_format, **options)
+        writer_options = {}
+        if to == "hf":
+            writer_options["model_type"] = model_type or getattr(reader, "model_type", None)
+            if writer_options["model_type"] is None:
+                raise _fail("--to hf needs --model-type (mixtral, qwen2_moe or qwen3_moe) for this source")
         hashes = run_conversion(
-            read(source, source_format, **options),
+            reader,
             writer_for(to, out, **writer_options),
             max_memory=_parse_size(max_memory) if max_memory else None,
         )
         stdout.print(f"wrote {len(hashes)} tensors to {out} ({to}); model weights only")
         if check_output:
-            problems = check(read(source, source_format, **options), read(out, to))
+            output_options = (
+                {"model_cfg": options["model_cfg"]} if to == "deepspeed" and "model_cfg" in options else {}
+            )
+            problems = check(read(source, source_format, **options), read(out, to, **output_options))
             if problems:
                 raise _fail("--check found differences:\n" + "\n".join(problems[:50]), code=1)
             stdout.print(f"--check: every tensor of {out} equals the source (keys, shapes, dtypes, bits)")
