@@ -31,6 +31,7 @@ FORMATS = {
     "dcp": ("sparsetron.checkpoint.convert.dcp_format", "DCPReader", "DCPWriter"),
     "zarr": ("sparsetron.checkpoint.convert.zarr_store", "ZarrReader", "ZarrWriter"),
     "deepspeed": ("sparsetron.checkpoint.convert.deepspeed_format", "DeepSpeedReader", "DeepSpeedWriter"),
+    "megatron": ("sparsetron.checkpoint.convert.megatron_format", "MegatronReader", "MegatronWriter"),
 }
 
 
@@ -55,7 +56,7 @@ def detect_format(path: str | Path) -> str:
     """The format of the checkpoint at ``path``, from its files; ConversionError when none matches."""
     path = Path(path)
     if (path / ".metadata").is_file():
-        return "dcp"
+        return "megatron" if (path / "metadata.json").is_file() else "dcp"
     if (path / "zarr.json").is_file():
         return "zarr"
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
@@ -63,8 +64,8 @@ def detect_format(path: str | Path) -> str:
     if (path / "latest").is_file() or any(path.glob("*/mp_rank_*_model_states.pt")):
         return "deepspeed"
     raise ConversionError(
-        f"{path}: not a checkpoint this tool knows (no DCP .metadata, zarr.json, HF config.json + *.safetensors "
-        "or DeepSpeed 'latest'); pass --from FORMAT"
+        f"{path}: not a checkpoint this tool knows (no DCP .metadata, megatron metadata.json, zarr.json, HF "
+        "config.json + *.safetensors or DeepSpeed 'latest'); pass --from FORMAT"
     )
 
 
