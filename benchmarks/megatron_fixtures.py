@@ -76,7 +76,9 @@ def logits_of(model: GPTModel, tokens: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("tests/fixtures/megatron"))
-    parser.add_argument("--verify", type=Path, help="A torch_dist checkpoint to load and check against --out.")
+    parser.add_argument(
+        "--verify", type=Path, help="A torch_dist checkpoint to load and check against --out."
+    )
     args = parser.parse_args()
     torch.distributed.init_process_group("nccl")
     torch.cuda.set_device(0)
@@ -106,14 +108,18 @@ def main() -> None:
     dist_checkpointing.save(model.sharded_state_dict(), str(checkpoint))
     tokens = torch.randint(0, MODEL["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(7))
     torch.save({"tokens": tokens, "logits": logits_of(model, tokens.cuda())}, args.out / "logits.pt")
-    torch.save({k: v.cpu() for k, v in model.state_dict().items() if v is not None}, args.out / "state_dict.pt")
+    torch.save(
+        {k: v.cpu() for k, v in model.state_dict().items() if v is not None}, args.out / "state_dict.pt"
+    )
     megatron_version = __import__("megatron.core", fromlist=["__version__"]).__version__
     (args.out / "model.json").write_text(json.dumps({**MODEL, "megatron_core": megatron_version}, indent=2))
     import torch.distributed.checkpoint as dcp
 
     metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
     for key, entry in sorted(metadata.items()):
-        print(key, tuple(getattr(entry, "size", ())), getattr(getattr(entry, "properties", None), "dtype", ""))
+        print(
+            key, tuple(getattr(entry, "size", ())), getattr(getattr(entry, "properties", None), "dtype", "")
+        )
 
 
 if __name__ == "__main__":

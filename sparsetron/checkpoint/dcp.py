@@ -194,19 +194,14 @@ class Checkpointer:
             ours[EXTRA_KEY] = extra
         state = self._nest(ours)
         trainer_state, rng = _on_every_rank(lambda: _prepare_load(path, state))
-        try:
-            # Partial: non-tensor entries a newer torch adds to param_groups keep their defaults; tensors were
-            # checked strictly above.
-            dcp.load(
-                state,
-                storage_reader=dcp.FileSystemReader(path),
-                planner=dcp.DefaultLoadPlanner(allow_partial_load=True),
-            )
-        except dcp.CheckpointException as exc:
-            raise CheckpointError(
-                f"checkpoint {path}: reading the data failed after validation passed; the model and optimizer "
-                f"may be partly overwritten, load again or rebuild them: {_failure_text(exc)}"
-            ) from exc
+        # Partial: non-tensor entries a newer torch adds to param_groups keep their defaults; tensors were
+        # checked strictly above.
+        _load_checked(
+            path,
+            state,
+            "reading the data failed after validation passed; the model and optimizer may be partly "
+            "overwritten, load again or rebuild them",
+        )
         ours = self._unnest(state)
         set_state_dict(
             model, optimizer, model_state_dict=ours[MODEL_KEY], optim_state_dict=ours[OPTIMIZER_KEY]
@@ -245,16 +240,7 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {path} does not fit the model:\n  " + "\n  ".join(problems))
         # Destinations in the stored dtype with the model's placements (DTensor.to keeps them).
         staged = {prefix + k: v.to(specs[prefix + k][1]) for k, v in ours.items() if prefix + k in specs}
-        try:
-            dcp.load(
-                staged,
-                storage_reader=dcp.FileSystemReader(path),
-                planner=dcp.DefaultLoadPlanner(allow_partial_load=True),
-            )
-        except dcp.CheckpointException as exc:
-            raise CheckpointError(
-                f"checkpoint {path}: reading the model failed: {_failure_text(exc)}"
-            ) from exc
+        _load_checked(path, staged, "reading the model failed")
         loaded = {k: staged[prefix + k] for k in ours if prefix + k in staged}
         set_model_state_dict(model, loaded, options=StateDictOptions(strict=False))
 
@@ -399,6 +385,19 @@ def _on_rank0(fn: Callable[[], _T]) -> _T:
 
 
 # -- hashing full tensors from the files -----------------------------------------------------------
+
+
+def _load_checked(path: Path, state: dict, failure: str) -> None:
+    """``dcp.load`` of ``state`` (validated already; keys it lacks are left alone) from ``path``, collective;
+    a failure becomes CheckpointError on every rank, prefixed by ``failure``."""
+    try:
+        dcp.load(
+            state,
+            storage_reader=dcp.FileSystemReader(path),
+            planner=dcp.DefaultLoadPlanner(allow_partial_load=True),
+        )
+    except dcp.CheckpointException as exc:
+        raise CheckpointError(f"checkpoint {path}: {failure}: {_failure_text(exc)}") from exc
 
 
 def _read_metadata(path: Path) -> dcp.Metadata:

@@ -39,7 +39,7 @@ MODEL_ONLY = "sparsetron-model-only"
 
 
 @contextlib.contextmanager
-def _single_process() -> Iterator[None]:
+def single_process() -> Iterator[None]:
     """DCP warns that it runs without a process group; one process reading or writing is what we mean."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
@@ -99,7 +99,7 @@ class DCPReader:
                         f"prefix {self.prefix!r}); it does not hold this model"
                     )
                 state[self.prefix + key] = torch.empty(stored.size, dtype=stored.properties.dtype)
-            with _single_process():
+            with single_process():
                 dcp.load(
                     state,
                     storage_reader=dcp.FileSystemReader(self.path),
@@ -129,7 +129,7 @@ class DCPWriter:
             state.update({f"model.{k}": v.contiguous() for k, v in group.tensors.items()})
         hashes = {k.removeprefix("model."): tensor_hash(v) for k, v in state.items()}
         with atomic_directory(self.path) as scratch:
-            with _single_process():
+            with single_process():
                 dcp.save(state, storage_writer=dcp.FileSystemWriter(scratch))
             run_config = Config(model=cfg)
             (scratch / "manifest.json").write_text(

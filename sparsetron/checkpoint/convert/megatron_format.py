@@ -29,13 +29,13 @@ else it must be given. Conversion is model-only.
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 
+from sparsetron.checkpoint.convert.dcp_format import single_process
 from sparsetron.checkpoint.convert.neutral import (
     ConversionError,
     TensorGroup,
@@ -180,8 +180,7 @@ class MegatronReader:
 
     def _load(self, keys: list[str]) -> dict[str, torch.Tensor]:
         state = {k: torch.empty(self.metadata[k].size, dtype=self.metadata[k].properties.dtype) for k in keys}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        with single_process():
             dcp.load(
                 state,
                 storage_reader=dcp.FileSystemReader(self.path),
@@ -284,8 +283,7 @@ class MegatronWriter:
         }
         state = {k: v.contiguous() for k, v in state.items()} | _extra_states(cfg)
         with atomic_directory(self.path) as scratch:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            with single_process():
                 dcp.save(state, storage_writer=dcp.FileSystemWriter(scratch))
             (scratch / "metadata.json").write_text(json.dumps(METADATA))
             torch.save({}, scratch / "common.pt")
