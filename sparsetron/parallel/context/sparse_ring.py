@@ -1,0 +1,211 @@
+"""Sparse ring attention: block-sparse attention over a striped context-parallel layout, moving only the KV
+blocks the pattern references.
+
+Layout: the sequence is cut into blocks of ``pattern.block`` tokens, block ``i`` living on rank ``i mod W``
+(:mod:`.sparse_plan`); a rank's tensors hold its blocks in increasing order. The pattern is global and the
+same on every rank (estimated from gathered inputs, :mod:`.patterns`), so every rank computes the same
+:class:`~.sparse_plan.StripedPlan` and knows, without asking, which of its blocks each peer needs at each step:
+no request exchange, no metadata on the wire. At step ``s`` rank ``r`` sends rank ``r + s`` exactly the K/V
+blocks that rank's queries reference and receives from rank ``r − s`` the ones its own queries reference;
+steps where neither has any are skipped. Each step's partial output and LSE merge exactly (fp32); the backward
+recomputes each step's share from the global output and LSE (FlashAttention-2 style) and returns the K/V
+gradients of received blocks to their owners over the reverse links.
+
+This is the reference implementation (CPU and GPU, fp32 math through ``sparsetron.kernels.attention_ref``):
+exact, and the oracle the fused block-sparse kernel will match. It keeps the K/V blocks it received for the
+backward (memory O(referenced blocks)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from sparsetron.kernels.attention_ref import attention_backward_ref, attention_forward_ref, merge_partials
+from sparsetron.parallel.context.patterns import BlockPattern
+from sparsetron.parallel.context.sparse_plan import StripedPlan, plan_striped
+
+
+@dataclass
+class SparseRingStats:
+    """What one call moved: K/V bytes this rank sent at each step of the forward and of the backward."""
+
+    forward_bytes: list[int] = field(default_factory=list)
+    backward_bytes: list[int] = field(default_factory=list)
+
+
+def _token_index(blocks: torch.Tensor, block: int) -> torch.Tensor:
+    """Token positions ``[len(blocks)·block]`` covered by ``blocks`` (any block ids, in the given order)."""
+    return (blocks[:, None] * block + torch.arange(block, device=blocks.device)[None, :]).reshape(-1)
+
+
+def _local_positions(global_blocks: torch.Tensor, world: int, block: int) -> torch.Tensor:
+    """Positions, in this rank's local tensors, of the tokens of its own ``global_blocks``."""
+    return _token_index(global_blocks // world, block)
+
+
+def _exchange(
+    send: torch.Tensor | None,
+    recv_shape: tuple[int, ...] | None,
+    dst: int,
+    src: int,
+    group,
+    like: torch.Tensor,
+) -> torch.Tensor | None:
+    """Send ``send`` to ``dst`` and receive a tensor of ``recv_shape`` from ``src`` (either may be absent)."""
+    received = None if recv_shape is None else torch.empty(recv_shape, dtype=like.dtype, device=like.device)
+    ops = []
+    if send is not None:
+        ops.append(dist.P2POp(dist.isend, send.contiguous(), dist.get_global_rank(group, dst), group))
+    if received is not None:
+        ops.append(dist.P2POp(dist.irecv, received, dist.get_global_rank(group, src), group))
+    for request in dist.batch_isend_irecv(ops) if ops else []:
+        request.wait()
+    return received
+
+
+def _mask(
+    pattern: BlockPattern, batch: int, kv_head: int, q_blocks: torch.Tensor, k_blocks: torch.Tensor
+) -> torch.Tensor:
+    """bool ``[B, Sq, Sk]``: which of the tokens of ``q_blocks`` see which of ``k_blocks`` for one KV head."""
+    b = pattern.block
+    active = pattern.active_BHQK[:, kv_head][:, q_blocks][:, :, k_blocks]
+    mask = active.repeat_interleave(b, dim=1).repeat_interleave(b, dim=2)
+    q_pos, k_pos = _token_index(q_blocks, b), _token_index(k_blocks, b)
+    if pattern.bars_BHS is not None:
+        mask = mask | pattern.bars_BHS[:, kv_head, k_pos][:, None, :]
+    if pattern.causal:
+        mask = mask & (k_pos[None, :] <= q_pos[:, None])[None]
+    return mask.expand(batch, -1, -1)
+
+
+class _SparseRing(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, pattern: BlockPattern, plan: StripedPlan, group, scale: float, stats):
+        world, rank = plan.world, dist.get_rank(group)
+        block, batch = pattern.block, q.shape[0]
+        hq, hkv = q.shape[2], k.shape[2]
+        groups = hq // hkv
+        my_q = torch.arange(rank, pattern.active_BHQK.shape[2], world, device=q.device)
+        out, lse, received = None, None, []
+        for step in range(world):
+            dst, src = (rank + step) % world, (rank - step) % world
+            want, give = plan.needed[step][rank].to(q.device), plan.needed[step][dst].to(q.device)
+            if step == 0:
+                kv = torch.stack([k, v])[:, :, _local_positions(want, world, block)]
+                sent = 0
+            else:
+                send = torch.stack([k, v])[:, :, _local_positions(give, world, block)] if len(give) else None
+                shape = (2, batch, len(want) * block, hkv, k.shape[3]) if len(want) else None
+                kv = _exchange(send, shape, dst, src, group, k)
+                sent = 0 if send is None else send.numel() * send.element_size()
+            if stats is not None:
+                stats.forward_bytes.append(sent)
+            received.append((want, kv))
+            if kv is None or not len(want):
+                continue
+            for h in range(hkv):
+                heads = slice(h * groups, (h + 1) * groups)
+                mask = _mask(pattern, batch, h, my_q, want)
+                part, part_lse = attention_forward_ref(
+                    q[:, :, heads], kv[0][:, :, h : h + 1], kv[1][:, :, h : h + 1], mask, scale
+                )
+                full_out = torch.zeros(*q.shape[:2], hq, q.shape[3], dtype=part.dtype, device=q.device)
+                full_lse = torch.full(
+                    (batch, hq, q.shape[1]), float("-inf"), dtype=part.dtype, device=q.device
+                )
+                full_out[:, :, heads], full_lse[:, heads] = part, part_lse
+                out, lse = merge_partials(out, lse, full_out, full_lse)
+        if out is None:  # no query of this rank sees any key
+            out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            lse = torch.full((batch, hq, q.shape[1]), float("-inf"), device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.received, ctx.pattern, ctx.plan, ctx.group, ctx.scale, ctx.stats = (
+            received,
+            pattern,
+            plan,
+            group,
+            scale,
+            stats,
+        )
+        ctx.mark_non_differentiable(lse)
+        return out.to(q.dtype), lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        pattern, plan, group, scale, stats = ctx.pattern, ctx.plan, ctx.group, ctx.scale, ctx.stats
+        world, rank = plan.world, dist.get_rank(group)
+        block, batch = pattern.block, q.shape[0]
+        hq, hkv = q.shape[2], k.shape[2]
+        groups = hq // hkv
+        my_q = torch.arange(rank, pattern.active_BHQK.shape[2], world, device=q.device)
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dkv = torch.zeros((2, *k.shape), dtype=acc, device=q.device)
+        for step in range(world):
+            dst, src = (rank + step) % world, (rank - step) % world
+            want, kv = ctx.received[step]
+            grads = None
+            if kv is not None and len(want):
+                grads = torch.zeros(
+                    (2, batch, len(want) * block, hkv, k.shape[3]), dtype=acc, device=q.device
+                )
+                for h in range(hkv):
+                    heads = slice(h * groups, (h + 1) * groups)
+                    mask = _mask(pattern, batch, h, my_q, want)
+                    dq_h, dk_h, dv_h = attention_backward_ref(
+                        dout[:, :, heads], q[:, :, heads], kv[0][:, :, h : h + 1], kv[1][:, :, h : h + 1],
+                        out[:, :, heads], lse[:, heads], mask, scale,
+                    )  # fmt: skip
+                    dq[:, :, heads] += dq_h
+                    grads[0][:, :, h : h + 1] += dk_h
+                    grads[1][:, :, h : h + 1] += dv_h
+            if step == 0:
+                if grads is not None:
+                    dkv[:, :, _local_positions(want, world, block)] += grads
+                continue
+            # K/V gradients of what we received go back to its owner (src); ours come back from dst.
+            mine = plan.needed[step][dst].to(q.device)
+            shape = (2, batch, len(mine) * block, hkv, k.shape[3]) if len(mine) else None
+            back = _exchange(grads, shape, src, dst, group, dq)
+            if stats is not None:
+                stats.backward_bytes.append(0 if grads is None else grads.numel() * grads.element_size())
+            if back is not None:
+                dkv[:, :, _local_positions(mine, world, block)] += back
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
+
+
+def sparse_ring_attention(
+    q_BSHD: torch.Tensor,
+    k_BSHD: torch.Tensor,
+    v_BSHD: torch.Tensor,
+    pattern: BlockPattern,
+    group: dist.ProcessGroup | None = None,
+    *,
+    scale: float | None = None,
+    plan: StripedPlan | None = None,
+    stats: SparseRingStats | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention of this rank's striped blocks: ``(out_BSHD, lse_BHS)``; collective over ``group``.
+
+    q: ``[B, S_local, Hq, D]``, k/v: ``[B, S_local, Hkv, D]`` (Hq % Hkv == 0) holding this rank's blocks of the
+    stripe (global block ``t·W + rank`` at local block ``t``); ``pattern``: the global pattern, identical on
+    every rank; ``plan``: :func:`plan_striped` of it (computed when not given). Differentiable in q, k, v;
+    ``lse`` (fp32) is not. ``stats`` (optional) records the bytes sent per step.
+    """
+    group = group or dist.group.WORLD
+    world = dist.get_world_size(group)
+    plan = plan or plan_striped(pattern, world)
+    if plan.world != world:
+        raise ValueError(f"plan is for {plan.world} ranks, the group has {world}")
+    local_blocks = pattern.active_BHQK.shape[2] // world
+    if q_BSHD.shape[1] != local_blocks * pattern.block or k_BSHD.shape[1] != q_BSHD.shape[1]:
+        raise ValueError(
+            f"this rank holds {q_BSHD.shape[1]} query and {k_BSHD.shape[1]} key tokens; the pattern's stripe "
+            f"is {local_blocks} blocks of {pattern.block} tokens each"
+        )
+    scale = scale if scale is not None else q_BSHD.shape[-1] ** -0.5
+    return _SparseRing.apply(q_BSHD, k_BSHD, v_BSHD, pattern, plan, group, scale, stats)
