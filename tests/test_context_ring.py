@@ -14,6 +14,7 @@ from cp_reference import LAYOUT_BLOCK, MASKS, TOLERANCE, errors_vs_reference, pr
 from sparsetron.dist import ParallelDims
 from sparsetron.parallel.context import ContextParallelError, context_attention
 from sparsetron.parallel.context.hybrid import hybrid_attention
+from sparsetron.parallel.context.patterns import sliding_window_sinks
 from sparsetron.parallel.context.ring import ring_attention
 
 HEADS_CASES = ("mha8/8", "gqa8/2", "mqa8/1")
@@ -83,6 +84,8 @@ def test_hybrid_matches_fp64_reference(errors_of, world, ulysses, mask, heads):
 def _api_error(kwargs: dict) -> str:
     q = torch.zeros(1, 8, 4, 8)
     k = torch.zeros(1, 8, 2, 8)
+    if kwargs.get("pattern") == "window4":
+        kwargs = {**kwargs, "pattern": sliding_window_sinks(1, 2, 16, 4, window_blocks=1)}
     try:
         context_attention(q, k, k, group=dist.group.WORLD, **kwargs)
     except (ContextParallelError, ValueError) as exc:
@@ -93,7 +96,8 @@ def _api_error(kwargs: dict) -> str:
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
-        ({"method": "sparse_ring"}, "method='sparse_ring' is not available yet"),
+        ({"method": "sparse_ring"}, "method='sparse_ring' needs pattern=BlockPattern"),
+        ({"method": "sparse_ring", "pattern": "window4"}, "needs layout='striped' with block=4"),
         ({"method": "ring", "pattern": object()}, "pattern= only applies to method='sparse_ring'"),
         ({"method": "ring", "window": 4, "causal": False}, "window=4 needs causal=True"),
         ({"method": "hybrid"}, "method='hybrid' needs group=(ring_group, ulysses_group)"),

@@ -104,3 +104,22 @@ def test_sparse_ring_equals_masked_attention(ranks, kind, world):
         ]
         assert result["forward_bytes"] == expected_bytes, (rank, result["forward_bytes"], expected_bytes)
     assert sum(sum(r["forward_bytes"]) for r in per_rank) < (world - 1) * seq * 2 * BATCH * HKV * D * 4
+
+
+def _through_the_api(seq: int, seed: int):
+    from sparsetron.parallel.context.api import context_attention
+    from sparsetron.parallel.context.layouts import shard_sequence
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    q, k, v, _ = _inputs(seq, seed)
+    pattern = _pattern("topk", q, k)
+    shard = [shard_sequence(t, 1, None, "striped", BLOCK) for t in (q, k, v)]
+    assert torch.equal(shard[0], q[:, _stripe(seq, world, rank)])  # the API's striped layout is the ring's
+    via_api = context_attention(*shard, group=dist.group.WORLD, method="sparse_ring", layout="striped",
+                                block=BLOCK, pattern=pattern)  # fmt: skip
+    direct, _ = sparse_ring_attention(*shard, pattern)
+    return torch.equal(via_api, direct)
+
+
+def test_context_attention_runs_the_sparse_ring(ranks):
+    assert ranks.run(2, _through_the_api, 8 * BLOCK, 3, timeout=120) == [True, True]

@@ -200,7 +200,7 @@ def test_sparse_ring_training_says_it_is_not_available_yet(ranks, tmp_path):
         f"train.run_dir={tmp_path}",
     ]
     overrides.remove("parallel.cp=1")
-    with pytest.raises(RankFailure, match="sparse context parallelism is not available yet"):
+    with pytest.raises(RankFailure, match="training with sparse context parallelism is not available yet"):
         ranks.run(2, _train, overrides, None, timeout=120)
 
 

@@ -64,8 +64,9 @@ def _refuse_unavailable(cfg: Config) -> None:
     p = cfg.parallel
     if p.cp_method.value == "sparse_ring":
         raise NotAvailableYet(
-            "parallel.cp_method=sparse_ring: sparse context parallelism is not available yet (it lands with its "
-            "own issue); use parallel.cp_method=ring, ulysses, hybrid or allgather."
+            "parallel.cp_method=sparse_ring: training with sparse context parallelism is not available yet (the "
+            "sparse ring exists as context_attention(method='sparse_ring', pattern=...), but the model has no "
+            "per-layer attention pattern to estimate); use parallel.cp_method=ring, ulysses, hybrid or allgather."
         )
 
 

@@ -74,10 +74,8 @@ def context_attention(
     if method not in METHODS:
         raise ContextParallelError(f"method={method!r} is not one of {', '.join(METHODS)}")
     if method == "sparse_ring":
-        raise ContextParallelError(
-            "method='sparse_ring' is not available yet: sparse context parallelism lands with its own issue; "
-            "use method='ring' (exact, dense) meanwhile"
-        )
+        return _sparse_ring(q, k, v, group=group, layout=layout, causal=causal, doc_ids=doc_ids,
+                            window=window, pattern=pattern, scale=scale, block=block)  # fmt: skip
     if pattern is not None:
         raise ContextParallelError(
             "pattern= only applies to method='sparse_ring'; dense methods take no pattern"
@@ -107,6 +105,31 @@ def context_attention(
     from sparsetron.parallel.context.hybrid import hybrid_attention
 
     return hybrid_attention(q, k, v, ring_group=group[0], ulysses_group=group[1], **kwargs)
+
+
+def _sparse_ring(q, k, v, *, group, layout, causal, doc_ids, window, pattern, scale, block) -> torch.Tensor:
+    """:func:`context_attention` with ``method='sparse_ring'``: checks, then the sparse ring's output."""
+    from sparsetron.parallel.context.patterns import BlockPattern
+    from sparsetron.parallel.context.sparse_ring import sparse_ring_attention
+
+    if not isinstance(pattern, BlockPattern):
+        raise ContextParallelError(
+            "method='sparse_ring' needs pattern=BlockPattern (sparsetron.parallel.context.patterns: e.g. "
+            "block_topk or vertical_slash estimated from gathered inputs), the same on every rank"
+        )
+    problems = []
+    if layout != "striped" or block != pattern.block:
+        problems.append(
+            f"layout='striped' with block={pattern.block} (the pattern's), got {layout!r}/{block}"
+        )
+    if not causal or not pattern.causal:
+        problems.append("causal=True and a causal pattern")
+    if doc_ids is not None or window is not None:
+        problems.append("no doc_ids/window (fold them into the pattern: sliding_window_sinks, a block mask)")
+    if problems:
+        raise ContextParallelError("method='sparse_ring' needs " + "; ".join(problems))
+    _check_shapes(q, k, v, None)
+    return sparse_ring_attention(q, k, v, pattern, group, scale=scale)[0]
 
 
 class ContextParallelAttention(nn.Module):
