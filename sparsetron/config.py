@@ -194,6 +194,24 @@ class ModelConfig:
         ExpertBackend.auto,
         "Grouped GEMM for the experts: auto (torch._grouped_mm on CUDA, else Triton; loop on CPU), torch, triton, loop.",
     )
+    attention_pattern: str = knob(
+        "dense",
+        "Attention pattern of the sparse layers: dense, window, strided, block_topk or vertical_slash "
+        "(block-sparse; with cp > 1 it needs parallel.cp_method=sparse_ring).",
+    )
+    sparse_dense_layers: int = knob(0, "The first N decoder layers keep dense attention (sparse elsewhere).")
+    sparse_block: int = knob(64, "Tokens per block of the sparse pattern (with cp: parallel.cp_block).")
+    sparse_topk: int = knob(
+        4, "block_topk: earlier key blocks each query block keeps, besides its local ones."
+    )
+    sparse_local_blocks: int = knob(1, "window/strided/block_topk: most recent key blocks always kept.")
+    sparse_sink_blocks: int = knob(
+        1, "window/vertical_slash: first key blocks always kept (attention sinks)."
+    )
+    sparse_stride: int = knob(4, "strided: KV head h keeps key blocks k ≡ h (mod stride).")
+    sparse_verticals: int = knob(64, "vertical_slash: key columns kept.")
+    sparse_slashes: int = knob(16, "vertical_slash: diagonals kept.")
+    sparse_last_q: int = knob(64, "vertical_slash: last queries the pattern is estimated from.")
     init_std: float = knob(0.02, "Standard deviation of the normal initialisation of weight matrices.")
     max_seq_len: int = knob(
         4096, "Longest sequence (global, before context sharding) the model is built for."

@@ -25,7 +25,8 @@ def _estimate(kind: str, layout: str):
     q, k = _inputs()
     layout_block = BLOCK if layout == "striped" else 1
     index = global_token_index(SEQ, rank, world, layout, layout_block)
-    pattern = estimate_pattern(kind, q[:, index], k[:, index], layout=layout, layout_block=layout_block,
+    pattern = estimate_pattern(kind, q[:, index], k[:, index], dist.group.WORLD, layout=layout,
+                               layout_block=layout_block,
                                block=BLOCK, **OPTIONS[kind])  # fmt: skip
     return pattern.active_BHQK, pattern.bars_BHS
 
@@ -53,4 +54,4 @@ def _straddle():
     world, rank = dist.get_world_size(), dist.get_rank()
     q, k = _inputs()
     index = global_token_index(SEQ, rank, world, "zigzag")
-    estimate_pattern("block_topk", q[:, index], k[:, index], layout="zigzag", block=16, k=1)
+    estimate_pattern("block_topk", q[:, index], k[:, index], dist.group.WORLD, layout="zigzag", block=16, k=1)

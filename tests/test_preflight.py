@@ -137,6 +137,27 @@ def cfg_overrides(cfg) -> list[str]:
             4,
             "sparse_ring balances work per ring step only on the striped layout",
         ),
+        (
+            ["parallel.cp_method=sparse_ring"],
+            4,
+            "parallel.cp_method=sparse_ring needs a sparse model.attention_pattern",
+        ),
+        (
+            ["model.attention_pattern=block_topk", "parallel.cp=2", "parallel.dp_shard=2"],
+            4,
+            "model.attention_pattern=block_topk with parallel.cp=2 needs parallel.cp_method=sparse_ring",
+        ),
+        (
+            [
+                "model.attention_pattern=window",
+                "parallel.cp_method=sparse_ring",
+                "parallel.cp_layout=striped",
+                "parallel.cp_block=32",
+                "model.sparse_block=64",
+            ],
+            4,
+            "parallel.cp_block=32 must equal model.sparse_block=64",
+        ),
         (["model.top_k=9"], 4, "model.top_k=9 must be between 1 and model.num_experts=8"),
         (["model.n_kv_heads=3"], 4, "model.n_heads=8 must be a multiple of model.n_kv_heads=3"),
         (

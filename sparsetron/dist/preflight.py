@@ -36,6 +36,22 @@ def _method_problems(cfg: Config) -> list[str]:
             f"parallel.ulysses_degree={p.ulysses_degree} only applies to cp_method=hybrid "
             f"(cp_method={p.cp_method.value}); remove it or set parallel.cp_method=hybrid"
         )
+    sparse = cfg.model.attention_pattern != "dense"
+    if p.cp_method == CPMethod.sparse_ring and not sparse:
+        out.append(
+            "parallel.cp_method=sparse_ring needs a sparse model.attention_pattern (window, strided, block_topk or "
+            "vertical_slash); dense attention takes parallel.cp_method=ring"
+        )
+    if sparse and p.cp > 1 and p.cp_method != CPMethod.sparse_ring:
+        out.append(
+            f"model.attention_pattern={cfg.model.attention_pattern} with parallel.cp={p.cp} needs "
+            "parallel.cp_method=sparse_ring (with cp_layout=striped and cp_block = model.sparse_block)"
+        )
+    if p.cp_method == CPMethod.sparse_ring and p.cp_block != cfg.model.sparse_block:
+        out.append(
+            f"parallel.cp_block={p.cp_block} must equal model.sparse_block={cfg.model.sparse_block}: the sparse "
+            "ring stripes whole pattern blocks"
+        )
     if p.cp_method == CPMethod.sparse_ring and p.cp_layout != CPLayout.striped:
         out.append(
             f"parallel.cp_method=sparse_ring balances work per ring step only on the striped layout; "

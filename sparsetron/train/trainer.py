@@ -23,6 +23,7 @@ from sparsetron.checkpoint import Checkpointer, CheckpointError, read_manifest
 from sparsetron.config import Config, to_yaml
 from sparsetron.dist.layout import ParallelMesh
 from sparsetron.model import Transformer, count_parameters
+from sparsetron.model.sparse_attention import SparseAttention
 from sparsetron.parallel.context import ContextParallelAttention, shard_sequence, unshard_sequence
 from sparsetron.parallel.data.fsdp import (
     apply_activation_checkpointing,
@@ -41,10 +42,6 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient norm; the message names the step, the rank and what to change."""
 
 
-class NotAvailableYet(RuntimeError):
-    """A configured feature whose implementation lands in a later issue."""
-
-
 @dataclass
 class TrainResult:
     """What a finished (or preempted) run reports back to the CLI."""
@@ -58,16 +55,6 @@ class TrainResult:
     preempted: bool = False
     eval_accuracy: float | None = None
     losses: list[float] = field(default_factory=list)
-
-
-def _refuse_unavailable(cfg: Config) -> None:
-    p = cfg.parallel
-    if p.cp_method.value == "sparse_ring":
-        raise NotAvailableYet(
-            "parallel.cp_method=sparse_ring: training with sparse context parallelism is not available yet (the "
-            "sparse ring exists as context_attention(method='sparse_ring', pattern=...), but the model has no "
-            "per-layer attention pattern to estimate); use parallel.cp_method=ring, ulysses, hybrid or allgather."
-        )
 
 
 def local_sgd(cfg: Config) -> bool:
@@ -164,10 +151,22 @@ def install_context_parallelism(model: Transformer, cfg: Config, mesh: ParallelM
         else mesh.group("cp")
     )
     block = p.cp_block if p.cp_layout.value == "striped" else 1
+    # Layers that keep dense attention under the sparse ring use the exact ring on the same striped shards.
+    method = "ring" if p.cp_method.value == "sparse_ring" else p.cp_method.value
     model.set_attention_core(
-        ContextParallelAttention(group, method=p.cp_method.value, layout=p.cp_layout.value, block=block)
+        ContextParallelAttention(group, method=method, layout=p.cp_layout.value, block=block)
     )
     model.set_sequence_group(mesh.group("cp"))
+
+
+def install_sparse_attention(model: Transformer, cfg: Config, mesh: ParallelMesh) -> None:
+    """With a sparse ``model.attention_pattern``, every layer from ``model.sparse_dense_layers`` on attends within
+    its estimated block-sparse pattern (over the cp group when cp > 1: the sparse ring)."""
+    if cfg.model.attention_pattern == "dense":
+        return
+    core = SparseAttention(cfg.model, mesh.group("cp") if mesh.dims.cp > 1 else None)
+    for layer in model.layers[cfg.model.sparse_dense_layers :]:
+        layer.attn.core = core
 
 
 def install_expert_parallelism(model: Transformer, cfg: Config, mesh: ParallelMesh) -> None:
@@ -244,6 +243,7 @@ def build_model(cfg: Config, mesh: ParallelMesh, device_type: str, compute_dtype
     if device_type == "cpu":
         model = Transformer(cfg.model)
         install_context_parallelism(model, cfg, mesh)
+        install_sparse_attention(model, cfg, mesh)
         install_expert_parallelism(model, cfg, mesh)
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model.layers)
@@ -252,6 +252,7 @@ def build_model(cfg: Config, mesh: ParallelMesh, device_type: str, compute_dtype
     with torch.device("meta"):
         model = Transformer(cfg.model)
     install_context_parallelism(model, cfg, mesh)
+    install_sparse_attention(model, cfg, mesh)
     install_expert_parallelism(model, cfg, mesh)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model.layers)
@@ -306,7 +307,6 @@ def train(
     would (the schedule still spans ``cfg.train.steps``); a later call resumes. Collective over the whole
     world: every rank calls it with the same ``cfg`` and its ``mesh``.
     """
-    _refuse_unavailable(cfg)
     dims = mesh.dims
     # DDP: every step is one job over the world. DiLoCo/SparseLoCo: between outer steps each replica is its
     # own job, so losses are normalised and reduced over the replica's ranks only.

@@ -21,7 +21,7 @@ from sparsetron.dist.env import resolve_device_type
 from sparsetron.dist.health import gather_topology, verify_mesh
 from sparsetron.dist.layout import DENSE_AXES, EXPERT_AXES, mesh_axis_names
 from sparsetron.dist.preflight import check_job
-from sparsetron.train.trainer import NotAvailableYet, TrainingDiverged, TrainResult, train
+from sparsetron.train.trainer import TrainingDiverged, TrainResult, train
 
 
 def _topology_table(topology: list[dict]) -> Table:
@@ -91,10 +91,10 @@ def run(cfg: Config) -> int:
             (run_dir / "topology.json").write_text(json.dumps(report, indent=2))
         try:
             result = train(cfg, mesh, device_type)
-        except (NotAvailableYet, TrainingDiverged) as exc:
+        except TrainingDiverged as exc:
             if penv.rank == 0:
                 console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
-            return 2 if isinstance(exc, NotAvailableYet) else 1
+            return 1
         if penv.rank == 0:
             console.print(_summary(result))
     finally:

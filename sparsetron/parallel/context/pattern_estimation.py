@@ -76,15 +76,11 @@ def estimate_pattern(
     **options,
 ) -> BlockPattern:
     """The global ``kind`` pattern (``block_topk`` or ``vertical_slash``) from this rank's shards of q
-    ``[B, S_local, Hq, D]`` and k ``[B, S_local, Hkv, D]``; collective over ``group`` (None: the world, or a
-    single process when torch.distributed is not initialised). ``options`` go to the estimator (``k``,
+    ``[B, S_local, Hq, D]`` and k ``[B, S_local, Hkv, D]``; collective over the context-parallel ``group``
+    (None: q and k hold whole sequences, nothing is gathered). ``options`` go to the estimator (``k``,
     ``local_blocks``; ``verticals``/``slashes``/``mass``, ``last_q`` …). Every rank returns the same pattern.
     """
-    if not dist.is_initialized():
-        group, world = None, 1
-    else:
-        group = group or dist.group.WORLD
-        world = dist.get_world_size(group)
+    world = 1 if group is None else dist.get_world_size(group)
     if world == 1:
         layout, layout_block = "contiguous", 1
     if kind == "block_topk":

@@ -55,15 +55,28 @@ def _exchange(
     like: torch.Tensor,
 ) -> torch.Tensor | None:
     """Send ``send`` to ``dst`` and receive a tensor of ``recv_shape`` from ``src`` (either may be absent)."""
+    requests, received = _post(send, recv_shape, dst, src, group, like)
+    for request in requests:
+        request.wait()
+    return received
+
+
+def _post(
+    send: torch.Tensor | None,
+    recv_shape: tuple[int, ...] | None,
+    dst: int,
+    src: int,
+    group,
+    like: torch.Tensor,
+) -> tuple[list, torch.Tensor | None]:
+    """:func:`_exchange` without the wait: the pending requests and the buffer they will fill."""
     received = None if recv_shape is None else torch.empty(recv_shape, dtype=like.dtype, device=like.device)
     ops = []
     if send is not None:
         ops.append(dist.P2POp(dist.isend, send.contiguous(), dist.get_global_rank(group, dst), group))
     if received is not None:
         ops.append(dist.P2POp(dist.irecv, received, dist.get_global_rank(group, src), group))
-    for request in dist.batch_isend_irecv(ops) if ops else []:
-        request.wait()
-    return received
+    return (dist.batch_isend_irecv(ops) if ops else []), received
 
 
 def _mask(
@@ -81,13 +94,49 @@ def _mask(
     return mask.expand(batch, -1, -1)
 
 
+def _attend(q, kv, pattern: BlockPattern, my_q, want, scale: float, out, lse):
+    """Merge into ``(out, lse)`` (None: nothing yet) the attention of this rank's queries (global query blocks
+    ``my_q``) to the key blocks ``want`` whose K/V are ``kv`` ``[2, B, len(want)·block, Hkv, D]``."""
+    batch, hq, hkv = q.shape[0], q.shape[2], kv.shape[3]
+    groups = hq // hkv
+    for h in range(hkv):
+        heads = slice(h * groups, (h + 1) * groups)
+        mask = _mask(pattern, batch, h, my_q, want)
+        part, part_lse = attention_forward_ref(
+            q[:, :, heads], kv[0][:, :, h : h + 1], kv[1][:, :, h : h + 1], mask, scale
+        )
+        full_out = torch.zeros(*q.shape[:2], hq, q.shape[3], dtype=part.dtype, device=q.device)
+        full_lse = torch.full((batch, hq, q.shape[1]), float("-inf"), dtype=part.dtype, device=q.device)
+        full_out[:, :, heads], full_lse[:, heads] = part, part_lse
+        out, lse = merge_partials(out, lse, full_out, full_lse)
+    return out, lse
+
+
+def _attend_backward(dout, q, kv, out, lse, pattern: BlockPattern, my_q, want, scale: float, dq):
+    """:func:`_attend`'s gradient: adds the queries' share into ``dq`` and returns the K/V gradients of
+    ``want`` ``[2, B, len(want)·block, Hkv, D]`` (in ``dq``'s dtype), from the global ``out`` and ``lse``."""
+    batch, hq, hkv = q.shape[0], q.shape[2], kv.shape[3]
+    groups = hq // hkv
+    grads = torch.zeros(kv.shape, dtype=dq.dtype, device=q.device)
+    for h in range(hkv):
+        heads = slice(h * groups, (h + 1) * groups)
+        mask = _mask(pattern, batch, h, my_q, want)
+        dq_h, dk_h, dv_h = attention_backward_ref(
+            dout[:, :, heads], q[:, :, heads], kv[0][:, :, h : h + 1], kv[1][:, :, h : h + 1],
+            out[:, :, heads], lse[:, heads], mask, scale,
+        )  # fmt: skip
+        dq[:, :, heads] += dq_h
+        grads[0][:, :, h : h + 1] += dk_h
+        grads[1][:, :, h : h + 1] += dv_h
+    return grads
+
+
 class _SparseRing(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pattern: BlockPattern, plan: StripedPlan, group, scale: float, stats):
         world, rank = plan.world, dist.get_rank(group)
         block, batch = pattern.block, q.shape[0]
-        hq, hkv = q.shape[2], k.shape[2]
-        groups = hq // hkv
+        hkv = k.shape[2]
         my_q = torch.arange(rank, pattern.active_BHQK.shape[2], world, device=q.device)
         out, lse, received = None, None, []
         for step in range(world):
@@ -106,21 +155,10 @@ class _SparseRing(torch.autograd.Function):
             received.append((want, kv))
             if kv is None or not len(want):
                 continue
-            for h in range(hkv):
-                heads = slice(h * groups, (h + 1) * groups)
-                mask = _mask(pattern, batch, h, my_q, want)
-                part, part_lse = attention_forward_ref(
-                    q[:, :, heads], kv[0][:, :, h : h + 1], kv[1][:, :, h : h + 1], mask, scale
-                )
-                full_out = torch.zeros(*q.shape[:2], hq, q.shape[3], dtype=part.dtype, device=q.device)
-                full_lse = torch.full(
-                    (batch, hq, q.shape[1]), float("-inf"), dtype=part.dtype, device=q.device
-                )
-                full_out[:, :, heads], full_lse[:, heads] = part, part_lse
-                out, lse = merge_partials(out, lse, full_out, full_lse)
+            out, lse = _attend(q, kv, pattern, my_q, want, scale, out, lse)
         if out is None:  # no query of this rank sees any key
             out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-            lse = torch.full((batch, hq, q.shape[1]), float("-inf"), device=q.device)
+            lse = torch.full((batch, q.shape[2], q.shape[1]), float("-inf"), device=q.device)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.received, ctx.pattern, ctx.plan, ctx.group, ctx.scale, ctx.stats = (
             received,
@@ -139,8 +177,7 @@ class _SparseRing(torch.autograd.Function):
         pattern, plan, group, scale, stats = ctx.pattern, ctx.plan, ctx.group, ctx.scale, ctx.stats
         world, rank = plan.world, dist.get_rank(group)
         block, batch = pattern.block, q.shape[0]
-        hq, hkv = q.shape[2], k.shape[2]
-        groups = hq // hkv
+        hkv = k.shape[2]
         my_q = torch.arange(rank, pattern.active_BHQK.shape[2], world, device=q.device)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -150,19 +187,7 @@ class _SparseRing(torch.autograd.Function):
             want, kv = ctx.received[step]
             grads = None
             if kv is not None and len(want):
-                grads = torch.zeros(
-                    (2, batch, len(want) * block, hkv, k.shape[3]), dtype=acc, device=q.device
-                )
-                for h in range(hkv):
-                    heads = slice(h * groups, (h + 1) * groups)
-                    mask = _mask(pattern, batch, h, my_q, want)
-                    dq_h, dk_h, dv_h = attention_backward_ref(
-                        dout[:, :, heads], q[:, :, heads], kv[0][:, :, h : h + 1], kv[1][:, :, h : h + 1],
-                        out[:, :, heads], lse[:, heads], mask, scale,
-                    )  # fmt: skip
-                    dq[:, :, heads] += dq_h
-                    grads[0][:, :, h : h + 1] += dk_h
-                    grads[1][:, :, h : h + 1] += dv_h
+                grads = _attend_backward(dout, q, kv, out, lse, pattern, my_q, want, scale, dq)
             if step == 0:
                 if grads is not None:
                     dkv[:, :, _local_positions(want, world, block)] += grads

@@ -1,0 +1,196 @@
+"""Pictures of sparse rings: the block-pattern and work-matrix PNGs, and the ``benchmarks/sparse_cp_plot.py`` CLI."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from launch_env import REPO, clean_env
+from matplotlib.colors import to_rgb
+from matplotlib.image import imread
+
+from sparsetron.parallel.context.patterns import (
+    block_topk,
+    from_block_mask,
+    pool_blocks,
+    sliding_window_sinks,
+    strided,
+    vertical_slash,
+)
+from sparsetron.parallel.context.sparse_plan import plan_striped
+from sparsetron.parallel.context.sparse_plot import (
+    BAR_COLOR,
+    IDLE_COLOR,
+    PATTERN_COLORS,
+    plot_pattern,
+    plot_work,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SEQ, BLOCK, WORLD = 512, 16, 4
+
+
+def _pattern(kind: str):
+    g = torch.Generator().manual_seed(0)
+    if kind == "window":
+        return sliding_window_sinks(1, 2, SEQ, BLOCK, window_blocks=3, sink_blocks=1)
+    if kind == "strided":
+        return strided(1, 2, SEQ, BLOCK, stride=4)
+    q = torch.randn(1, SEQ, 4, 32, generator=g)
+    k = torch.randn(1, SEQ, 2, 32, generator=g)
+    if kind == "topk":
+        return block_topk(pool_blocks(q, BLOCK), pool_blocks(k, BLOCK), BLOCK, k=4)
+    return vertical_slash(q[:, -32:], k, BLOCK, verticals=6, slashes=3)
+
+
+def _read_png(path) -> np.ndarray:
+    data = path.read_bytes()
+    assert len(data) > 1000 and data.startswith(PNG_SIGNATURE), path
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[2] in (3, 4), image.shape
+    return image[..., :3]
+
+
+def _pixels_of(image: np.ndarray, color: str) -> int:
+    """Pixels within 2/255 of ``color`` on every channel."""
+    return int((np.abs(image - np.array(to_rgb(color))) <= 2 / 255).all(axis=-1).sum())
+
+
+@pytest.mark.parametrize("kind", ["window", "strided", "topk", "vertical_slash"])
+def test_pattern_and_work_pngs_are_written_for_each_kind(kind, tmp_path):
+    pattern = _pattern(kind)
+    plan = plan_striped(pattern, WORLD)
+    pattern_png = plot_pattern(pattern, tmp_path / "sub" / "pattern.png", kv_head=1)
+    work_png = plot_work(plan, tmp_path / "work.png")
+    assert pattern_png == tmp_path / "sub" / "pattern.png" and work_png == tmp_path / "work.png"
+    for image in (_read_png(pattern_png), _read_png(work_png)):
+        height, width = image.shape[:2]
+        assert 300 <= height <= 3000 and 300 <= width <= 3000, image.shape
+        assert image.reshape(-1, 3).std(axis=0).max() > 0.05  # not a blank canvas
+    image = _read_png(pattern_png)
+    # The bitmap shows active blocks and the causal triangle; bars only where the pattern has them.
+    assert _pixels_of(image, PATTERN_COLORS[2]) > 1000
+    assert _pixels_of(image, PATTERN_COLORS[0]) > 10_000
+    assert (_pixels_of(image, BAR_COLOR) > 50) == (pattern.bars_BHS is not None)
+    if kind == "vertical_slash":
+        assert pattern.bars_BHS is not None and bool(pattern.bars_BHS[0, 1].any())
+
+
+def test_a_denser_pattern_paints_more_active_pixels(tmp_path):
+    counts = []
+    for window in (1, 4, 12):
+        pattern = sliding_window_sinks(1, 1, SEQ, BLOCK, window_blocks=window, sink_blocks=0)
+        counts.append(
+            _pixels_of(_read_png(plot_pattern(pattern, tmp_path / f"w{window}.png")), PATTERN_COLORS[2])
+        )
+    assert counts[0] < counts[1] < counts[2], counts
+    # Window 12 covers about 8.5× the blocks of window 1 (32 blocks per side).
+    assert counts[2] > 5 * counts[0], counts
+
+
+def test_idle_steps_are_grey_in_the_work_plot(tmp_path):
+    window = sliding_window_sinks(1, 1, SEQ, BLOCK, window_blocks=2, sink_blocks=0)
+    idle_plan = plan_striped(window, WORLD)
+    assert idle_plan.idle_steps() == [2, 3]
+    dense_plan = plan_striped(from_block_mask(torch.ones(1, 1, 32, 32, dtype=torch.bool), BLOCK), WORLD)
+    assert dense_plan.idle_steps() == []
+    idle = _read_png(plot_work(idle_plan, tmp_path / "idle.png"))
+    dense = _read_png(plot_work(dense_plan, tmp_path / "dense.png"))
+    # Two of four step columns of the heatmap (and their bars below) are grey: a large share of the canvas.
+    assert _pixels_of(idle, IDLE_COLOR) > 0.05 * idle.shape[0] * idle.shape[1]
+    assert _pixels_of(dense, IDLE_COLOR) < 0.005 * dense.shape[0] * dense.shape[1]
+
+
+def test_many_ranks_plot_without_annotations(tmp_path):
+    pattern = sliding_window_sinks(1, 1, 64 * 8, 8, window_blocks=4)
+    image = _read_png(plot_work(plan_striped(pattern, 32), tmp_path / "w32.png"))
+    assert image.shape[0] > 500  # the figure grows with the world
+
+
+def test_out_of_range_head_is_refused(tmp_path):
+    pattern = _pattern("window")
+    with pytest.raises(ValueError, match="kv_head=2"):
+        plot_pattern(pattern, tmp_path / "x.png", kv_head=2)
+    assert not (tmp_path / "x.png").exists()
+
+
+def _script(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "sparse_cp_plot.py"), *args],
+        env=clean_env(),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def test_script_writes_pngs_and_prints_its_table(tmp_path):
+    out = tmp_path / "plots"
+    args = ["--seq", "1024", "--block", "32", "--world", "4", "--kv-heads", "1", "--heads", "2"]
+    result = _script(
+        "--pattern", "window", "--window-blocks", "2", "--sink-blocks", "0", *args, "--out", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    expected = sliding_window_sinks(1, 1, 1024, 32, window_blocks=2, sink_blocks=0)
+    density = float(re.search(r"^density\s+([0-9.]+)$", text, re.M).group(1))
+    assert density == pytest.approx(expected.density(), abs=1e-4)
+    assert re.search(r"^idle steps\s+2, 3$", text, re.M), text
+    assert re.search(r"^worst-step max/mean\s+[0-9.]+ \(step \d\)$", text, re.M), text
+    # Only each query block's previous block travels, at step 1: 31 blocks of K and V, 32 tokens, D=128, bf16.
+    sent_mib = 31 * 2 * 32 * 128 * 2 / 2**20
+    dense_mib = 32 * 2 * 32 * 128 * 2 / 2**20
+    assert f"bytes sent          {sent_mib:.3f} MiB vs dense ring {3 * dense_mib:.3f} MiB" in text, text
+    rows = re.findall(r"^\s+(\d)\s+(\d+)\s+[0-9.]+\s+([0-9.]+)\s+([0-9.]+)\s+(\S+)$", text, re.M)
+    assert [int(r[0]) for r in rows] == [0, 1, 2, 3], text
+    assert [float(r[2]) for r in rows] == pytest.approx([0, sent_mib, 0, 0], abs=1e-3)
+    assert [float(r[3]) for r in rows] == pytest.approx([0, dense_mib, dense_mib, dense_mib], abs=1e-3)
+    for name in ("pattern.png", "work.png"):
+        assert _read_png(out / name).shape[0] >= 300
+
+
+@pytest.mark.parametrize("kind", ["topk", "vertical_slash"])
+def test_script_with_planted_inputs_finds_them(kind, tmp_path):
+    args = ["--seq", "2048", "--block", "32", "--world", "4", "--inputs", "planted", "--out", str(tmp_path)]
+    result = _script("--pattern", kind, *args)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "density" in result.stdout
+        and (tmp_path / "pattern.png").exists()
+        and (tmp_path / "work.png").exists()
+    )
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import sparse_cp_plot
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    pattern, note = sparse_cp_plot.build_pattern(sparse_cp_plot.parse_args([*args, "--pattern", kind]))
+    assert note in result.stdout  # the same seeded inputs in and out of the subprocess
+    density = float(re.search(r"^density\s+([0-9.]+)$", result.stdout, re.M).group(1))
+    assert density == pytest.approx(pattern.density(), abs=1e-4)
+    active = pattern.active_BHQK[0, 0]
+    if kind == "topk":
+        hot = [int(b) for b in re.search(r"hot key blocks \[([0-9, ]+)\]", note).group(1).split(", ")]
+        # Every query block past the local one picks every hot block before it.
+        for block in hot:
+            assert bool(active[block + 1 :, block].all()), block
+    else:
+        match = re.search(r"planted key columns \[([0-9, ]+)\], slash offset (\d+)", note)
+        columns = [int(c) for c in match.group(1).split(", ")]
+        offset = int(match.group(2))
+        assert all(bool(pattern.bars_BHS[0, 0, c]) for c in columns), columns
+        # The slash: every query block far enough along holds the key block ``offset`` tokens back.
+        n = active.shape[0]
+        assert all(bool(active[q, (q * 32 - offset) // 32]) for q in range(offset // 32 + 1, n))
+
+
+def test_script_reports_a_bad_block_size(tmp_path):
+    result = _script("--pattern", "window", "--seq", "1000", "--block", "64", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "multiple of the block size" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing drawn
