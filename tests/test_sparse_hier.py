@@ -161,15 +161,22 @@ def _check(ranks, kind: str, world: int, node_size: int, prebuilt: bool = True, 
     for name in expected:
         err = _rel(got[name], expected[name])
         assert err <= 1e-5, (kind, world, node_size, name, err)
-    for rank, (result, (inter, intra)) in enumerate(
-        zip(per_rank, _expected_bytes(pattern, world, node_size))
-    ):
-        stats = result["stats"]
+    expected_bytes = _expected_bytes(pattern, world, node_size)
+    nodes = world // node_size
+    for rank, result in enumerate(per_rank):
+        stats, (inter, intra) = result["stats"], expected_bytes[rank]
         assert stats.forward_inter == inter, (rank, stats.forward_inter, inter)
         assert stats.forward_intra == intra, (rank, stats.forward_intra, intra)
-        # fp32 gradients of exactly the blocks that travelled, over the same links.
-        assert stats.backward_inter == inter, (rank, stats.backward_inter, inter)
-        assert stats.backward_intra == intra, (rank, stats.backward_intra, intra)
+        # The backward returns fp32 gradients of exactly what this rank received, to where it came from:
+        # at offset t from the same local rank of node n − t, at inner step u from local rank l − u.
+        node, local = divmod(rank, node_size)
+        back_inter = [expected_bytes[(node - t) % nodes * node_size + local][0][t] for t in range(nodes)]
+        back_intra = [
+            [expected_bytes[node * node_size + (local - u) % node_size][1][t][u] for u in range(node_size)]
+            for t in range(nodes)
+        ]
+        assert stats.backward_inter == back_inter, (rank, stats.backward_inter, back_inter)
+        assert stats.backward_intra == back_intra, (rank, stats.backward_intra, back_intra)
     return pattern, per_rank
 
 

@@ -55,9 +55,9 @@ def _read_png(path) -> np.ndarray:
     return image[..., :3]
 
 
-def _pixels_of(image: np.ndarray, color: str) -> int:
-    """Pixels within 2/255 of ``color`` on every channel."""
-    return int((np.abs(image - np.array(to_rgb(color))) <= 2 / 255).all(axis=-1).sum())
+def _pixels_of(image: np.ndarray, color: str, tolerance: float = 2 / 255) -> int:
+    """Pixels within ``tolerance`` of ``color`` on every channel."""
+    return int((np.abs(image - np.array(to_rgb(color))) <= tolerance).all(axis=-1).sum())
 
 
 @pytest.mark.parametrize("kind", ["window", "strided", "topk", "vertical_slash"])
@@ -100,15 +100,19 @@ def test_idle_steps_are_grey_in_the_work_plot(tmp_path):
     assert dense_plan.idle_steps() == []
     idle = _read_png(plot_work(idle_plan, tmp_path / "idle.png"))
     dense = _read_png(plot_work(dense_plan, tmp_path / "dense.png"))
-    # Two of four step columns of the heatmap (and their bars below) are grey: a large share of the canvas.
-    assert _pixels_of(idle, IDLE_COLOR) > 0.05 * idle.shape[0] * idle.shape[1]
-    assert _pixels_of(dense, IDLE_COLOR) < 0.005 * dense.shape[0] * dense.shape[1]
+    # Two of four step columns of the heatmap are exactly the idle grey: a large share of the canvas (the
+    # anti-aliased edges of text hit that grey exactly only in a few pixels).
+    exact = 0.5 / 255
+    assert _pixels_of(idle, IDLE_COLOR, exact) > 0.1 * idle.shape[0] * idle.shape[1]
+    assert _pixels_of(dense, IDLE_COLOR, exact) < 0.002 * dense.shape[0] * dense.shape[1]
 
 
-def test_many_ranks_plot_without_annotations(tmp_path):
+def test_the_work_figure_grows_with_the_world(tmp_path):
     pattern = sliding_window_sinks(1, 1, 64 * 8, 8, window_blocks=4)
-    image = _read_png(plot_work(plan_striped(pattern, 32), tmp_path / "w32.png"))
-    assert image.shape[0] > 500  # the figure grows with the world
+    small = _read_png(plot_work(plan_striped(pattern, 4), tmp_path / "w4.png"))
+    large = _read_png(plot_work(plan_striped(pattern, 32), tmp_path / "w32.png"))
+    assert large.shape[0] > 1.5 * small.shape[0] and large.shape[1] > 1.5 * small.shape[1]
+    assert large.shape[0] <= 2000  # capped
 
 
 def test_out_of_range_head_is_refused(tmp_path):

@@ -155,10 +155,7 @@ class _HierarchicalSparseRing(torch.autograd.Function):
         for t in range(nodes):
             source = (node - t) % nodes
             carried = _node_refs(plan, node, source * size + local, size)
-            if t == 0:
-                kv_t = own(carried)
-            else:
-                kv_t = pending[1]
+            kv_t = own(carried) if t == 0 else pending[1]
             if stats is not None and t == 0:
                 stats.forward_inter.append(0)
             if t + 1 < nodes:  # prefetch the next offset's blocks behind this offset's inner ring
