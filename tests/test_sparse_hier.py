@@ -8,33 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from sparse_reference import BATCH, BLOCK, BLOCK_BYTES, HKV, inputs, masked_attention, pattern_of, rel, stripe
 
-from sparsetron.parallel.context.patterns import (
-    BlockPattern,
-    block_topk,
-    from_block_mask,
-    pool_blocks,
-    sliding_window_sinks,
-    strided,
-    vertical_slash,
-)
+from sparsetron.parallel.context.patterns import BlockPattern, from_block_mask
 from sparsetron.parallel.context.sparse_hier import (
     HierarchicalRingStats,
     hierarchical_sparse_ring_attention,
     hierarchy_groups,
 )
 from sparsetron.parallel.context.sparse_ring import sparse_ring_attention
-
-BLOCK, BATCH, HQ, HKV, D = 4, 2, 4, 2, 8
-BLOCK_BYTES = 2 * BATCH * BLOCK * HKV * D * 4  # K and V of one block, fp32
-
-
-def _inputs(seq: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(BATCH, seq, HQ, D, generator=g)
-    k = torch.randn(BATCH, seq, HKV, D, generator=g)
-    v = torch.randn(BATCH, seq, HKV, D, generator=g)
-    return q, k, v, torch.randn(BATCH, seq, HQ, D, generator=g)
 
 
 def _node_local(seq: int, world: int, node_size: int) -> BlockPattern:
@@ -46,29 +28,17 @@ def _node_local(seq: int, world: int, node_size: int) -> BlockPattern:
 
 
 def _pattern(kind: str, q, k, world: int = 4, node_size: int = 2) -> BlockPattern:
-    seq = q.shape[1]
-    if kind == "window":
-        return sliding_window_sinks(BATCH, HKV, seq, BLOCK, window_blocks=3, sink_blocks=1)
-    if kind == "strided":
-        return strided(BATCH, HKV, seq, BLOCK, stride=3, local_blocks=1)
-    if kind == "topk":
-        return block_topk(pool_blocks(q, BLOCK), pool_blocks(k, BLOCK), BLOCK, k=2)
     if kind == "node_local":
-        return _node_local(seq, world, node_size)
-    return vertical_slash(q[:, -8:], k, BLOCK, verticals=3, slashes=3)
-
-
-def _stripe(seq: int, world: int, rank: int) -> torch.Tensor:
-    blocks = torch.arange(rank, seq // BLOCK, world)
-    return (blocks[:, None] * BLOCK + torch.arange(BLOCK)[None, :]).reshape(-1)
+        return _node_local(q.shape[1], world, node_size)
+    return pattern_of(kind, q, k)
 
 
 def _run(kind: str, seq: int, seed: int, node_size: int, prebuilt: bool):
     world, rank = dist.get_world_size(), dist.get_rank()
-    q, k, v, dout = _inputs(seq, seed)
+    q, k, v, dout = inputs(seq, seed)
     pattern = _pattern(kind, q, k, world, node_size)
     groups = hierarchy_groups(node_size) if prebuilt else None
-    idx = _stripe(seq, world, rank)
+    idx = stripe(seq, world, rank)
     ql, kl, vl = (t[:, idx].clone().requires_grad_() for t in (q, k, v))
     stats = HierarchicalRingStats()
     out, lse = hierarchical_sparse_ring_attention(
@@ -81,26 +51,9 @@ def _run(kind: str, seq: int, seed: int, node_size: int, prebuilt: bool):
 
 
 def _reference(kind: str, seq: int, seed: int, world: int, node_size: int):
-    q, k, v, dout = _inputs(seq, seed)
+    q, k, v, dout = inputs(seq, seed)
     pattern = _pattern(kind, q, k, world, node_size)
-    mask = pattern.token_mask(heads_per_group=HQ // HKV)  # [B, Hq, S, S]
-    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
-    ke, ve = (t.repeat_interleave(HQ // HKV, dim=2) for t in (k, v))
-    logits = torch.einsum("bqhd,bkhd->bhqk", q, ke) * D**-0.5
-    logits = logits.masked_fill(~mask, float("-inf"))
-    out = torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), ve)
-    (out * dout).sum().backward()
-    return pattern, {
-        "out": out.detach(),
-        "lse": logits.logsumexp(-1),
-        "dq": q.grad,
-        "dk": k.grad,
-        "dv": v.grad,
-    }
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().abs().max() / b.detach().abs().max().clamp(min=1e-30))
+    return pattern, masked_attention(q, k, v, dout, pattern)
 
 
 def _referenced(pattern: BlockPattern) -> torch.Tensor:
@@ -157,9 +110,9 @@ def _check(ranks, kind: str, world: int, node_size: int, prebuilt: bool = True, 
             got[name][:, idx] = result[name]
         got["lse"][:, :, idx] = result["lse"]
         # The flat sparse ring and the hierarchical one merge the same partials in another order.
-        assert _rel(result["out"], result["flat_out"]) <= 1e-5
+        assert rel(result["out"], result["flat_out"]) <= 1e-5
     for name in expected:
-        err = _rel(got[name], expected[name])
+        err = rel(got[name], expected[name])
         assert err <= 1e-5, (kind, world, node_size, name, err)
     expected_bytes = _expected_bytes(pattern, world, node_size)
     nodes = world // node_size

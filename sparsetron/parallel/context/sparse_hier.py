@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 from sparsetron.parallel.context.patterns import BlockPattern
-from sparsetron.parallel.context.sparse_plan import StripedPlan, plan_striped
+from sparsetron.parallel.context.sparse_plan import StripedPlan
 from sparsetron.parallel.context.sparse_ring import (
     _attend,
     _attend_backward,
@@ -59,6 +59,7 @@ from sparsetron.parallel.context.sparse_ring import (
     _local_positions,
     _post,
     _token_index,
+    checked_plan,
 )
 
 
@@ -311,14 +312,6 @@ def hierarchical_sparse_ring_attention(
             f"{dist.get_rank(groups.cross)} of its cross-node group; node-major numbering needs "
             f"{rank % node_size} and {rank // node_size}"
         )
-    plan = plan or plan_striped(pattern, world)
-    if plan.world != world:
-        raise ValueError(f"plan is for {plan.world} ranks, the group has {world}")
-    local_blocks = pattern.active_BHQK.shape[2] // world
-    if q_BSHD.shape[1] != local_blocks * pattern.block or k_BSHD.shape[1] != q_BSHD.shape[1]:
-        raise ValueError(
-            f"this rank holds {q_BSHD.shape[1]} query and {k_BSHD.shape[1]} key tokens; the pattern's stripe "
-            f"is {local_blocks} blocks of {pattern.block} tokens each"
-        )
+    plan = checked_plan(q_BSHD, k_BSHD, pattern, world, plan)
     scale = scale if scale is not None else q_BSHD.shape[-1] ** -0.5
     return _HierarchicalSparseRing.apply(q_BSHD, k_BSHD, v_BSHD, pattern, plan, groups, rank, scale, stats)

@@ -222,7 +222,15 @@ def sparse_ring_attention(
     ``lse`` (fp32) is not. ``stats`` (optional) records the bytes sent per step.
     """
     group = group or dist.group.WORLD
-    world = dist.get_world_size(group)
+    plan = checked_plan(q_BSHD, k_BSHD, pattern, dist.get_world_size(group), plan)
+    scale = scale if scale is not None else q_BSHD.shape[-1] ** -0.5
+    return _SparseRing.apply(q_BSHD, k_BSHD, v_BSHD, pattern, plan, group, scale, stats)
+
+
+def checked_plan(
+    q_BSHD: torch.Tensor, k_BSHD: torch.Tensor, pattern: BlockPattern, world: int, plan: StripedPlan | None
+) -> StripedPlan:
+    """``plan`` (or :func:`plan_striped` of ``pattern``), after checking it and the shards fit ``world`` ranks."""
     plan = plan or plan_striped(pattern, world)
     if plan.world != world:
         raise ValueError(f"plan is for {plan.world} ranks, the group has {world}")
@@ -232,5 +240,4 @@ def sparse_ring_attention(
             f"this rank holds {q_BSHD.shape[1]} query and {k_BSHD.shape[1]} key tokens; the pattern's stripe "
             f"is {local_blocks} blocks of {pattern.block} tokens each"
         )
-    scale = scale if scale is not None else q_BSHD.shape[-1] ** -0.5
-    return _SparseRing.apply(q_BSHD, k_BSHD, v_BSHD, pattern, plan, group, scale, stats)
+    return plan

@@ -1,0 +1,68 @@
+"""Shared by the sparse-ring tests: seeded inputs, the striped shard of a rank, the four pattern kinds, and the
+single-process masked attention (with autograd) every sparse ring must equal."""
+
+from __future__ import annotations
+
+import torch
+
+from sparsetron.parallel.context.patterns import (
+    BlockPattern,
+    block_topk,
+    pool_blocks,
+    sliding_window_sinks,
+    strided,
+    vertical_slash,
+)
+
+BLOCK, BATCH, HQ, HKV, D = 4, 2, 4, 2, 8
+BLOCK_BYTES = 2 * BATCH * BLOCK * HKV * D * 4  # K and V of one block, fp32
+
+
+def inputs(seq: int, seed: int):
+    """q ``[B, S, Hq, D]``, k, v ``[B, S, Hkv, D]`` and an output gradient, fp32."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(BATCH, seq, HQ, D, generator=g)
+    k = torch.randn(BATCH, seq, HKV, D, generator=g)
+    v = torch.randn(BATCH, seq, HKV, D, generator=g)
+    return q, k, v, torch.randn(BATCH, seq, HQ, D, generator=g)
+
+
+def pattern_of(kind: str, q: torch.Tensor, k: torch.Tensor) -> BlockPattern:
+    """One of the four pattern kinds (window, strided, topk, vertical_slash) for these inputs."""
+    seq = q.shape[1]
+    if kind == "window":
+        return sliding_window_sinks(BATCH, HKV, seq, BLOCK, window_blocks=3, sink_blocks=1)
+    if kind == "strided":
+        return strided(BATCH, HKV, seq, BLOCK, stride=3, local_blocks=1)
+    if kind == "topk":
+        return block_topk(pool_blocks(q, BLOCK), pool_blocks(k, BLOCK), BLOCK, k=2)
+    return vertical_slash(q[:, -8:], k, BLOCK, verticals=3, slashes=3)
+
+
+def stripe(seq: int, world: int, rank: int) -> torch.Tensor:
+    """Token positions of rank ``rank``'s striped blocks (block i on rank i mod W), in local order."""
+    blocks = torch.arange(rank, seq // BLOCK, world)
+    return (blocks[:, None] * BLOCK + torch.arange(BLOCK)[None, :]).reshape(-1)
+
+
+def masked_attention(q, k, v, dout, pattern: BlockPattern) -> dict[str, torch.Tensor]:
+    """Dense attention under ``pattern``'s token mask: out, lse and dq/dk/dv (autograd), fp32."""
+    mask = pattern.token_mask(heads_per_group=HQ // HKV)  # [B, Hq, S, S]
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    ke, ve = (t.repeat_interleave(HQ // HKV, dim=2) for t in (k, v))
+    logits = torch.einsum("bqhd,bkhd->bhqk", q, ke) * D**-0.5
+    logits = logits.masked_fill(~mask, float("-inf"))
+    out = torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), ve)
+    (out * dout).sum().backward()
+    return {
+        "out": out.detach(),
+        "lse": logits.logsumexp(-1).detach(),
+        "dq": q.grad,
+        "dk": k.grad,
+        "dv": v.grad,
+    }
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max absolute error relative to ``b``'s largest magnitude."""
+    return float((a - b).detach().abs().max() / b.detach().abs().max().clamp(min=1e-30))
