@@ -242,11 +242,30 @@ def _passkey_accuracy(overrides: list[str]) -> float:
     return train(cfg, check_job(cfg, dist.get_world_size()).build_mesh("cpu"), "cpu").eval_accuracy
 
 
-def test_passkey_retrieval_is_learned_well_above_chance(ranks, tmp_path):
-    """3-digit passkey hidden at a random depth of 128 bytes: exact-match chance is 1/900; the tiny MoE
-    reaches ~75% by step 200 (measured), and the test asserts at least 30% on 64 held-out samples."""
-    accuracy = ranks.run(1, _passkey_accuracy, [*PASSKEY, f"train.run_dir={tmp_path}"], timeout=600)[0]
-    assert accuracy >= 0.30, f"passkey accuracy {accuracy:.1%} after 250 steps"
+#: Every layer block-sparse: blocks of 16 tokens, per KV head the 8 key columns and 4 diagonals carrying most
+#: of the last 16 queries' attention, plus the first block and the local one.
+VERTICAL_SLASH = [
+    "model.attention_pattern=vertical_slash",
+    "model.sparse_block=16",
+    "model.sparse_verticals=8",
+    "model.sparse_slashes=4",
+    "model.sparse_last_q=16",
+]
+
+
+def test_passkey_retrieval_is_learned_well_above_chance_dense_and_sparse(ranks, tmp_path):
+    """3-digit passkey hidden at a random depth of 128 bytes: exact-match chance is 1/900. The tiny MoE reaches
+    ~75% in 250 steps with dense attention and 73% with every layer vertical-slash sparse (measured); the test
+    asserts at least 30% for both and the sparse one within 25 points of the dense one, on 64 held-out samples.
+    At this length the pattern keeps ~83% of the causal blocks; a sparser one (blocks of 8, 4 columns, 2
+    diagonals: ~40%) reached only 3% in the same budget (measured), so this checks training through the
+    estimator, not retrieval at high sparsity."""
+    dense = ranks.run(1, _passkey_accuracy, [*PASSKEY, f"train.run_dir={tmp_path / 'dense'}"], timeout=600)[0]
+    sparse = ranks.run(
+        1, _passkey_accuracy, [*PASSKEY, *VERTICAL_SLASH, f"train.run_dir={tmp_path / 'sparse'}"], timeout=600
+    )[0]
+    assert dense >= 0.30, f"dense passkey accuracy {dense:.1%} after 250 steps"
+    assert sparse >= 0.30 and sparse >= dense - 0.25, f"sparse {sparse:.1%} vs dense {dense:.1%}"
 
 
 def test_activation_checkpointing_changes_memory_not_math(ranks, tmp_path):
