@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Iterator
@@ -36,15 +37,9 @@ from sparsetron.model import Transformer
 PLAIN = ModelConfig(
     vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, num_experts=4, top_k=2, expert_ffn_dim=16
 )
-SHARED = ModelConfig(
-    vocab_size=64,
-    dim=32,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    num_experts=4,
-    top_k=2,
-    expert_ffn_dim=16,
+# Everything else non-default too: a shared expert, another router and balance loss, other floats.
+SHARED = dataclasses.replace(
+    PLAIN,
     shared_expert_ffn_dim=24,
     router=RouterName.sigmoid_bias,
     aux_loss=AuxLoss.global_batch,

@@ -107,7 +107,10 @@ def model_config_from_args(args: object) -> ModelConfig:
 class MegatronReader:
     """A megatron-core ``torch_dist`` checkpoint directory read as neutral groups (see the module docstring).
 
-    ``model_cfg``: the model the checkpoint holds, when ``common.pt`` carries no Megatron-LM ``args``.
+    ``model_cfg``: the model the checkpoint holds, when ``common.pt`` carries no Megatron-LM ``args``. The
+    decoder tensors are stored stacked over all layers, and DCP reads whole tensors, so the first decoder
+    group loads every layer's attention and expert weights at once: this reader holds the decoder in memory
+    (``--max-memory`` still bounds each group passed on).
     """
 
     format = "megatron"

@@ -105,10 +105,11 @@ def _attend(q, kv, pattern: BlockPattern, my_q, want, scale: float, out, lse):
         part, part_lse = attention_forward_ref(
             q[:, :, heads], kv[0][:, :, h : h + 1], kv[1][:, :, h : h + 1], mask, scale
         )
-        full_out = torch.zeros(*q.shape[:2], hq, q.shape[3], dtype=part.dtype, device=q.device)
-        full_lse = torch.full((batch, hq, q.shape[1]), float("-inf"), dtype=part.dtype, device=q.device)
-        full_out[:, :, heads], full_lse[:, heads] = part, part_lse
-        out, lse = merge_partials(out, lse, full_out, full_lse)
+        if out is None:  # empty accumulators: zero output, -inf LSE (neutral in a merge)
+            out = torch.zeros(*q.shape[:2], hq, q.shape[3], dtype=part.dtype, device=q.device)
+            lse = torch.full((batch, hq, q.shape[1]), float("-inf"), dtype=part.dtype, device=q.device)
+        # Merge only this group's heads: the others are untouched by these keys.
+        out[:, :, heads], lse[:, heads] = merge_partials(out[:, :, heads], lse[:, heads], part, part_lse)
     return out, lse
 
 
