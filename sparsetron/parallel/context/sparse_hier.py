@@ -39,8 +39,9 @@ default group, like every ``new_group``); pass them as ``groups=``. Without it e
 which only works when ``group`` is the whole job and every rank of it calls (fine for tests, wasteful in
 training).
 
-This is the reference implementation (CPU and GPU, fp32 math through ``sparsetron.kernels.attention_ref``),
-exact like the flat ring; it keeps the K/V blocks it carried and received for the backward.
+Each step's local math is :class:`~.sparse_compute.StepAttention` (the block-sparse Triton kernels on CUDA,
+the exact fp32 reference elsewhere), as in the flat ring; it keeps the K/V blocks it carried and received for
+the backward.
 """
 
 from __future__ import annotations
@@ -51,16 +52,9 @@ import torch
 import torch.distributed as dist
 
 from sparsetron.parallel.context.patterns import BlockPattern
+from sparsetron.parallel.context.sparse_compute import StepAttention, resolve_backend, token_index
 from sparsetron.parallel.context.sparse_plan import StripedPlan
-from sparsetron.parallel.context.sparse_ring import (
-    _attend,
-    _attend_backward,
-    _exchange,
-    _local_positions,
-    _post,
-    _token_index,
-    checked_plan,
-)
+from sparsetron.parallel.context.sparse_ring import _exchange, _local_positions, _post, checked_plan
 
 
 @dataclass(frozen=True)
@@ -137,11 +131,14 @@ def _wait(requests: list) -> None:
 
 class _HierarchicalSparseRing(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, pattern: BlockPattern, plan, groups: HierarchyGroups, rank, scale, stats):
+    def forward(
+        ctx, q, k, v, pattern: BlockPattern, plan, groups: HierarchyGroups, rank, scale, stats, backend
+    ):
         world, size = plan.world, groups.node_size
         nodes, (node, local) = world // size, divmod(rank, size)
         block, device = pattern.block, q.device
         my_q = torch.arange(rank, pattern.active_BHQK.shape[2], world, device=device)
+        attend = StepAttention(pattern, my_q, scale, backend)
         kv_local = torch.stack([k, v])
 
         def shape(blocks: torch.Tensor) -> tuple[int, ...] | None:
@@ -181,7 +178,7 @@ class _HierarchicalSparseRing(torch.autograd.Function):
                 intra.append(sent)
                 steps.append((want, kv))
                 if kv is not None:
-                    out, lse = _attend(q, kv, pattern, my_q, want, scale, out, lse)
+                    out, lse = attend.forward(q, kv, want, out, lse)
             if stats is not None:
                 stats.forward_intra.append(intra)
             saved.append((carried, steps))
@@ -192,7 +189,7 @@ class _HierarchicalSparseRing(torch.autograd.Function):
             lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), device=device)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.saved, ctx.pattern, ctx.plan, ctx.groups = saved, pattern, plan, groups
-        ctx.rank, ctx.scale, ctx.stats = rank, scale, stats
+        ctx.rank, ctx.scale, ctx.stats, ctx.backend = rank, scale, stats, backend
         ctx.mark_non_differentiable(lse)
         return out.to(q.dtype), lse
 
@@ -206,6 +203,7 @@ class _HierarchicalSparseRing(torch.autograd.Function):
         nodes, (node, local) = world // size, divmod(rank, size)
         block, device = pattern.block, q.device
         my_q = torch.arange(rank, pattern.active_BHQK.shape[2], world, device=device)
+        attend = StepAttention(pattern, my_q, scale, ctx.backend)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         dq = torch.zeros(q.shape, dtype=acc, device=device)
         dkv = torch.zeros((2, *k.shape), dtype=acc, device=device)
@@ -230,7 +228,7 @@ class _HierarchicalSparseRing(torch.autograd.Function):
                 src, dst = (local - u) % size, (local + u) % size
                 grads = None
                 if kv is not None:
-                    grads = _attend_backward(dout, q, kv, out, lse, pattern, my_q, want, scale, dq)
+                    grads = attend.backward(dout, q, kv, want, out, lse, dq)
                 if u == 0:
                     if grads is not None:
                         grad_carried[:, :, _carried_positions(carried_dev, want, block)] += grads
@@ -261,12 +259,23 @@ class _HierarchicalSparseRing(torch.autograd.Function):
             if stats is not None:
                 stats.backward_inter.append(_nbytes(send))
         settle(pending)
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None
+        return (
+            dq.to(q.dtype),
+            dkv[0].to(k.dtype),
+            dkv[1].to(v.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _carried_positions(carried: torch.Tensor, blocks: torch.Tensor, block: int) -> torch.Tensor:
     """Token positions, in a carried buffer holding the sorted blocks ``carried``, of ``blocks`` (⊆ carried)."""
-    return _token_index(torch.searchsorted(carried.to(blocks.device), blocks), block)
+    return token_index(torch.searchsorted(carried.to(blocks.device), blocks), block)
 
 
 def hierarchical_sparse_ring_attention(
@@ -281,6 +290,7 @@ def hierarchical_sparse_ring_attention(
     groups: HierarchyGroups | None = None,
     plan: StripedPlan | None = None,
     stats: HierarchicalRingStats | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention of this rank's striped blocks over a two-level ring: ``(out_BSHD, lse_BHS)``.
 
@@ -288,7 +298,8 @@ def hierarchical_sparse_ring_attention(
     k/v ``[B, S_local, Hkv, D]``, global block ``t·W + rank`` at local block ``t``); ``group`` (default: the
     world) is numbered node-major with ``node_size`` ranks per node. ``groups``: :func:`hierarchy_groups` of
     ``group`` (built on the spot when absent, see the module docstring); ``plan``: :func:`plan_striped` of
-    the pattern; ``stats`` (optional) records intra- and inter-node bytes per step. Differentiable in q, k, v.
+    the pattern; ``stats`` (optional) records intra- and inter-node bytes per step; ``backend``: each step's
+    local math (:mod:`.sparse_compute`). Differentiable in q, k, v.
     """
     group = group or dist.group.WORLD
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -314,4 +325,7 @@ def hierarchical_sparse_ring_attention(
         )
     plan = checked_plan(q_BSHD, k_BSHD, pattern, world, plan)
     scale = scale if scale is not None else q_BSHD.shape[-1] ** -0.5
-    return _HierarchicalSparseRing.apply(q_BSHD, k_BSHD, v_BSHD, pattern, plan, groups, rank, scale, stats)
+    backend = resolve_backend(backend, q_BSHD, pattern.block)
+    return _HierarchicalSparseRing.apply(
+        q_BSHD, k_BSHD, v_BSHD, pattern, plan, groups, rank, scale, stats, backend
+    )

@@ -11,9 +11,9 @@ steps where neither has any are skipped. Each step's partial output and LSE merg
 recomputes each step's share from the global output and LSE (FlashAttention-2 style) and returns the K/V
 gradients of received blocks to their owners over the reverse links.
 
-This is the reference implementation (CPU and GPU, fp32 math through ``sparsetron.kernels.attention_ref``):
-exact, and the oracle the fused block-sparse kernel will match. It keeps the K/V blocks it received for the
-backward (memory O(referenced blocks)).
+Each step's local math is :class:`~.sparse_compute.StepAttention`: the block-sparse Triton kernels on CUDA
+(merging each step into the running output in place), the exact fp32 reference elsewhere. The ring keeps the
+K/V blocks it received for the backward (memory O(referenced blocks)).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from sparsetron.kernels.attention_ref import attention_backward_ref, attention_forward_ref, merge_partials
 from sparsetron.parallel.context.patterns import BlockPattern
+from sparsetron.parallel.context.sparse_compute import StepAttention, resolve_backend, token_index
 from sparsetron.parallel.context.sparse_plan import StripedPlan, plan_striped
 
 
@@ -36,14 +36,9 @@ class SparseRingStats:
     backward_bytes: list[int] = field(default_factory=list)
 
 
-def _token_index(blocks: torch.Tensor, block: int) -> torch.Tensor:
-    """Token positions ``[len(blocks)·block]`` covered by ``blocks`` (any block ids, in the given order)."""
-    return (blocks[:, None] * block + torch.arange(block, device=blocks.device)[None, :]).reshape(-1)
-
-
 def _local_positions(global_blocks: torch.Tensor, world: int, block: int) -> torch.Tensor:
     """Positions, in this rank's local tensors, of the tokens of its own ``global_blocks``."""
-    return _token_index(global_blocks // world, block)
+    return token_index(global_blocks // world, block)
 
 
 def _exchange(
@@ -79,66 +74,14 @@ def _post(
     return (dist.batch_isend_irecv(ops) if ops else []), received
 
 
-def _mask(
-    pattern: BlockPattern, batch: int, kv_head: int, q_blocks: torch.Tensor, k_blocks: torch.Tensor
-) -> torch.Tensor:
-    """bool ``[B, Sq, Sk]``: which of the tokens of ``q_blocks`` see which of ``k_blocks`` for one KV head."""
-    b = pattern.block
-    active = pattern.active_BHQK[:, kv_head][:, q_blocks][:, :, k_blocks]
-    mask = active.repeat_interleave(b, dim=1).repeat_interleave(b, dim=2)
-    q_pos, k_pos = _token_index(q_blocks, b), _token_index(k_blocks, b)
-    if pattern.bars_BHS is not None:
-        mask = mask | pattern.bars_BHS[:, kv_head, k_pos][:, None, :]
-    if pattern.causal:
-        mask = mask & (k_pos[None, :] <= q_pos[:, None])[None]
-    return mask.expand(batch, -1, -1)
-
-
-def _attend(q, kv, pattern: BlockPattern, my_q, want, scale: float, out, lse):
-    """Merge into ``(out, lse)`` (None: nothing yet) the attention of this rank's queries (global query blocks
-    ``my_q``) to the key blocks ``want`` whose K/V are ``kv`` ``[2, B, len(want)·block, Hkv, D]``."""
-    batch, hq, hkv = q.shape[0], q.shape[2], kv.shape[3]
-    groups = hq // hkv
-    for h in range(hkv):
-        heads = slice(h * groups, (h + 1) * groups)
-        mask = _mask(pattern, batch, h, my_q, want)
-        part, part_lse = attention_forward_ref(
-            q[:, :, heads], kv[0][:, :, h : h + 1], kv[1][:, :, h : h + 1], mask, scale
-        )
-        if out is None:  # empty accumulators: zero output, -inf LSE (neutral in a merge)
-            out = torch.zeros(*q.shape[:2], hq, q.shape[3], dtype=part.dtype, device=q.device)
-            lse = torch.full((batch, hq, q.shape[1]), float("-inf"), dtype=part.dtype, device=q.device)
-        # Merge only this group's heads: the others are untouched by these keys.
-        out[:, :, heads], lse[:, heads] = merge_partials(out[:, :, heads], lse[:, heads], part, part_lse)
-    return out, lse
-
-
-def _attend_backward(dout, q, kv, out, lse, pattern: BlockPattern, my_q, want, scale: float, dq):
-    """:func:`_attend`'s gradient: adds the queries' share into ``dq`` and returns the K/V gradients of
-    ``want`` ``[2, B, len(want)·block, Hkv, D]`` (in ``dq``'s dtype), from the global ``out`` and ``lse``."""
-    batch, hq, hkv = q.shape[0], q.shape[2], kv.shape[3]
-    groups = hq // hkv
-    grads = torch.zeros(kv.shape, dtype=dq.dtype, device=q.device)
-    for h in range(hkv):
-        heads = slice(h * groups, (h + 1) * groups)
-        mask = _mask(pattern, batch, h, my_q, want)
-        dq_h, dk_h, dv_h = attention_backward_ref(
-            dout[:, :, heads], q[:, :, heads], kv[0][:, :, h : h + 1], kv[1][:, :, h : h + 1],
-            out[:, :, heads], lse[:, heads], mask, scale,
-        )  # fmt: skip
-        dq[:, :, heads] += dq_h
-        grads[0][:, :, h : h + 1] += dk_h
-        grads[1][:, :, h : h + 1] += dv_h
-    return grads
-
-
 class _SparseRing(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, pattern: BlockPattern, plan: StripedPlan, group, scale: float, stats):
+    def forward(ctx, q, k, v, pattern: BlockPattern, plan: StripedPlan, group, scale: float, stats, backend):
         world, rank = plan.world, dist.get_rank(group)
         block, batch = pattern.block, q.shape[0]
         hkv = k.shape[2]
         my_q = torch.arange(rank, pattern.active_BHQK.shape[2], world, device=q.device)
+        attend = StepAttention(pattern, my_q, scale, backend)
         out, lse, received = None, None, []
         for step in range(world):
             dst, src = (rank + step) % world, (rank - step) % world
@@ -156,19 +99,14 @@ class _SparseRing(torch.autograd.Function):
             received.append((want, kv))
             if kv is None or not len(want):
                 continue
-            out, lse = _attend(q, kv, pattern, my_q, want, scale, out, lse)
+            out, lse = attend.forward(q, kv, want, out, lse)
         if out is None:  # no query of this rank sees any key
             out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
             lse = torch.full((batch, q.shape[2], q.shape[1]), float("-inf"), device=q.device)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.received, ctx.pattern, ctx.plan, ctx.group, ctx.scale, ctx.stats = (
-            received,
-            pattern,
-            plan,
-            group,
-            scale,
-            stats,
-        )
+        ctx.received, ctx.pattern, ctx.plan, ctx.group, ctx.scale, ctx.stats, ctx.backend = (
+            received, pattern, plan, group, scale, stats, backend,
+        )  # fmt: skip
         ctx.mark_non_differentiable(lse)
         return out.to(q.dtype), lse
 
@@ -180,6 +118,7 @@ class _SparseRing(torch.autograd.Function):
         block, batch = pattern.block, q.shape[0]
         hkv = k.shape[2]
         my_q = torch.arange(rank, pattern.active_BHQK.shape[2], world, device=q.device)
+        attend = StepAttention(pattern, my_q, scale, ctx.backend)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dkv = torch.zeros((2, *k.shape), dtype=acc, device=q.device)
@@ -188,7 +127,7 @@ class _SparseRing(torch.autograd.Function):
             want, kv = ctx.received[step]
             grads = None
             if kv is not None and len(want):
-                grads = _attend_backward(dout, q, kv, out, lse, pattern, my_q, want, scale, dq)
+                grads = attend.backward(dout, q, kv, want, out, lse, dq)
             if step == 0:
                 if grads is not None:
                     dkv[:, :, _local_positions(want, world, block)] += grads
@@ -201,7 +140,7 @@ class _SparseRing(torch.autograd.Function):
                 stats.backward_bytes.append(0 if grads is None else grads.numel() * grads.element_size())
             if back is not None:
                 dkv[:, :, _local_positions(mine, world, block)] += back
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None
 
 
 def sparse_ring_attention(
@@ -214,18 +153,21 @@ def sparse_ring_attention(
     scale: float | None = None,
     plan: StripedPlan | None = None,
     stats: SparseRingStats | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention of this rank's striped blocks: ``(out_BSHD, lse_BHS)``; collective over ``group``.
 
     q: ``[B, S_local, Hq, D]``, k/v: ``[B, S_local, Hkv, D]`` (Hq % Hkv == 0) holding this rank's blocks of the
     stripe (global block ``t·W + rank`` at local block ``t``); ``pattern``: the global pattern, identical on
     every rank; ``plan``: :func:`plan_striped` of it (computed when not given). Differentiable in q, k, v;
-    ``lse`` (fp32) is not. ``stats`` (optional) records the bytes sent per step.
+    ``lse`` (fp32) is not. ``stats`` (optional) records the bytes sent per step. ``backend``: each step's
+    local math (:mod:`.sparse_compute`: ``auto``, ``triton`` or ``reference``).
     """
     group = group or dist.group.WORLD
     plan = checked_plan(q_BSHD, k_BSHD, pattern, dist.get_world_size(group), plan)
     scale = scale if scale is not None else q_BSHD.shape[-1] ** -0.5
-    return _SparseRing.apply(q_BSHD, k_BSHD, v_BSHD, pattern, plan, group, scale, stats)
+    backend = resolve_backend(backend, q_BSHD, pattern.block)
+    return _SparseRing.apply(q_BSHD, k_BSHD, v_BSHD, pattern, plan, group, scale, stats, backend)
 
 
 def checked_plan(
