@@ -10,6 +10,12 @@ import torch
 from sparsetron.kernels.attention_ref import attention_forward_ref
 from sparsetron.parallel.context.patterns import (
     BlockPattern,
+    _attention_mass,
+    _grouped_queries,
+    _key_chunks,
+    _log_normalizer,
+    _vertical_slash_pattern,
+    _vertical_slash_scores,
     block_topk,
     from_block_mask,
     pool_blocks,
@@ -129,3 +135,76 @@ def test_reference_attention_under_a_pattern_equals_masked_softmax():
     assert torch.allclose(out[:, :, 0], expected, atol=1e-6)
     assert torch.allclose(lse[:, 0], logits.logsumexp(-1), atol=1e-6)
     assert isinstance(pattern, BlockPattern)
+
+
+def _direct_vertical_slash_scores(q_last, k):
+    """Oracle: the whole fp64 causal softmax of the last queries at once, its group mean summed per key column
+    and, query by query, per diagonal offset ``o = i − j``."""
+    bsz, last, hq, d = q_last.shape
+    seq, hkv = k.shape[1], k.shape[2]
+    q = q_last.double().reshape(bsz, last, hkv, hq // hkv, d)
+    logits = torch.einsum("blhgd,bshd->bhgls", q, k.double()) * d**-0.5
+    queries = torch.arange(seq - last, seq)
+    logits = logits.masked_fill(torch.arange(seq)[None, :] > queries[:, None], float("-inf"))
+    probs = logits.softmax(dim=-1).mean(dim=2)  # [B, Hkv, L, S]
+    slash = torch.zeros(bsz, hkv, seq, dtype=torch.float64)
+    for row, i in enumerate(queries.tolist()):
+        slash[..., : i + 1] += probs[..., row, : i + 1].flip(-1)  # keys i, i − 1, …, 0: offsets 0 … i
+    return probs.sum(dim=2), slash
+
+
+@pytest.mark.parametrize("key_chunk", [None, 1, 5, 16, 40])
+def test_chunked_vertical_slash_scores_equal_the_direct_computation(key_chunk):
+    q, k = _qk(4, 64, hq=6, hkv=2, d=8)
+    q_last = q[:, -20:] * 3  # peaked attention: the scores differ by orders of magnitude
+    vertical, slash = _vertical_slash_scores(q_last, k * 3, None, key_chunk)
+    expected_vertical, expected_slash = _direct_vertical_slash_scores(q_last, k * 3)
+    assert vertical.dtype == slash.dtype == torch.float64
+    torch.testing.assert_close(vertical, expected_vertical, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(slash, expected_slash, rtol=1e-12, atol=1e-15)
+    assert float(vertical.sum()) == pytest.approx(20 * 2, rel=1e-12)  # each query's attention sums to 1
+
+
+@pytest.mark.parametrize("mode", [{"verticals": 5, "slashes": 3}, {"mass": 0.7}])
+def test_vertical_slash_pattern_does_not_depend_on_the_chunks(mode):
+    q, k = _qk(5, 96)
+    whole = vertical_slash(q[:, -24:], k, 8, **mode)
+    for key_chunk in (1, 7, 32):
+        chunked = vertical_slash(q[:, -24:], k, 8, key_chunk=key_chunk, **mode)
+        assert torch.equal(chunked.active_BHQK, whole.active_BHQK)
+        assert torch.equal(chunked.bars_BHS, whole.bars_BHS)
+
+
+def test_scores_of_scattered_key_subsets_add_up_to_the_whole():
+    """What each context-parallel rank computes: its keys at scattered global positions (the strided, non-run
+    path), the softmax denominators combined over the subsets, the scores summed."""
+    seq, last = 48, 12
+    q, k = _qk(6, seq)
+    q_BHGLD = _grouped_queries(q[:, -last:], 2, None)
+    early, late = torch.arange(seq - 6), torch.arange(seq - 6, seq)
+    # Strided subsets, and one whose keys all follow the first queries (those rows have lse = −inf there).
+    subsets = [early[early % 3 == r] for r in range(3)] + [late]
+    pieces = [(k[:, positions], positions, _key_chunks(positions, 10)) for positions in subsets]
+    lse = torch.stack([_log_normalizer(q_BHGLD, kp, pos, seq, ch) for kp, pos, ch in pieces]).logsumexp(0)
+    sums = [_attention_mass(q_BHGLD, kp, pos, seq, lse, ch) for kp, pos, ch in pieces]
+    expected_vertical, expected_slash = _direct_vertical_slash_scores(q[:, -last:], k)
+    torch.testing.assert_close(sum(v for v, _ in sums), expected_vertical, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(sum(s for _, s in sums), expected_slash, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("block", [1, 4, 8])
+def test_selected_slashes_activate_exactly_the_blocks_their_tokens_touch(block):
+    seq = 64
+    g = torch.Generator().manual_seed(7)
+    slash_score = torch.rand(2, 3, seq, generator=g)
+    pattern = _vertical_slash_pattern(
+        torch.zeros(2, 3, seq), slash_score, block, verticals=0, slashes=9, sink_blocks=0, window_blocks=0
+    )
+    chosen = slash_score.argsort(dim=-1, descending=True)[..., :9]
+    n = seq // block
+    expected = torch.zeros(2, 3, n, n, dtype=torch.bool)
+    for b, h in ((b, h) for b in range(2) for h in range(3)):
+        for offset in chosen[b, h].tolist():
+            for i in range(offset, seq):  # query i attends key i − offset on this diagonal
+                expected[b, h, i // block, (i - offset) // block] = True
+    assert torch.equal(pattern.active_BHQK, expected)

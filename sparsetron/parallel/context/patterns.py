@@ -17,9 +17,11 @@ Patterns:
   columns (verticals) and diagonals (slashes) carrying the most mass, within a fixed budget or until a
   cumulative mass threshold is reached; sinks and the local window are always kept.
 
-Estimation is done under ``torch.no_grad`` (the pattern is a constant for the gradients) in fp32 with ties
-broken by index, so it is deterministic. Under context parallelism every rank estimates from the same global,
-gathered inputs (pooled blocks and the last queries are small), so every layout computes the same pattern.
+Estimation is done under ``torch.no_grad`` (the pattern is a constant for the gradients) with ties broken by
+index, so it is deterministic: block top-k in fp32; vertical-slash scores keys in chunks, accumulating in fp64
+and rounding to fp32, so that the order of its sums (chunks, context-parallel ranks) does not show. Under
+context parallelism (:mod:`.pattern_estimation`) block top-k runs on the gathered pooled blocks and
+vertical-slash on each rank's own keys, its scores summed over the ranks; every layout gets the same pattern.
 """
 
 from __future__ import annotations
@@ -163,6 +165,13 @@ def block_topk(
     return BlockPattern(chosen | local, block)
 
 
+#: fp64 scores of one key chunk, ``B·Hq·L·N`` elements. On a GPU 512 MiB (the bytes of 2^27 fp32 logits): few,
+#: large kernels (on an H200 at S = 512K, 2^24 took 9% and 2^22 86% longer). On a CPU 4 MiB: chunks that stay
+#: in cache (3x faster than 2^26 at S = 64K).
+_CHUNK_ELEMENTS = 2**26
+_CPU_CHUNK_ELEMENTS = 2**19
+
+
 @torch.no_grad()
 def vertical_slash(
     q_last_BLHD: torch.Tensor,
@@ -175,6 +184,7 @@ def vertical_slash(
     sink_blocks: int = 1,
     window_blocks: int = 1,
     scale: float | None = None,
+    key_chunk: int | None = None,
 ) -> BlockPattern:
     """MInference's vertical-slash pattern, estimated from the last ``L`` queries ``[B, L, Hq, D]`` (the final
     positions of the sequence) against all keys ``[B, S, Hkv, D]``.
@@ -185,55 +195,202 @@ def vertical_slash(
     reach that share of the total each. Verticals become bars (whole key columns); a slash at offset ``o``
     activates, for every query block, the key blocks holding positions ``i − o``. Sinks and the local window
     are always active.
+
+    Keys are scored ``key_chunk`` at a time (default: ``2^26 / (B·Hq·L)`` on a GPU, 512 MiB of fp64 scores;
+    ``2^19 / (B·Hq·L)`` on a CPU), so memory stays bounded at any ``S``; scores are accumulated in fp64 and
+    rounded to fp32 before selection.
     """
+    _check_options(k_BSHD.shape[1], block, verticals, slashes, mass)
+    vertical_BHS, slash_BHS = _vertical_slash_scores(q_last_BLHD, k_BSHD, scale, key_chunk)
+    return _vertical_slash_pattern(
+        vertical_BHS.float(),
+        slash_BHS.float(),
+        block,
+        verticals=verticals,
+        slashes=slashes,
+        mass=mass,
+        sink_blocks=sink_blocks,
+        window_blocks=window_blocks,
+    )
+
+
+def _vertical_slash_scores(
+    q_last_BLHD: torch.Tensor, k_BSHD: torch.Tensor, scale: float | None, key_chunk: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp64 ``[B, Hkv, S]`` column scores and diagonal-offset scores of the last queries ``[B, L, Hq, D]``
+    against the whole sequence's keys ``[B, S, Hkv, D]``: two passes over the key chunks (softmax
+    denominators, then the normalized attention), never more than one chunk of scores in memory."""
+    seq = k_BSHD.shape[1]
+    positions_S = torch.arange(seq)
+    q_BHGLD = _grouped_queries(q_last_BLHD, k_BSHD.shape[2], scale)
+    chunks = _key_chunks(positions_S, key_chunk or _default_key_chunk(q_BHGLD))
+    lse_BHGL = _log_normalizer(q_BHGLD, k_BSHD, positions_S, seq, chunks)
+    return _attention_mass(q_BHGLD, k_BSHD, positions_S, seq, lse_BHGL, chunks)
+
+
+def _check_options(
+    seq: int, block: int, verticals: int | None, slashes: int | None, mass: float | None
+) -> None:
+    """Raise before any scoring unless ``block`` divides ``seq`` and exactly one selection rule is given:
+    budgets (``verticals`` and ``slashes``) or ``mass``."""
+    _blocks(seq, block, "sequence")
     if (mass is None) == (verticals is None or slashes is None):
         raise ValueError("pass either verticals= and slashes= (budgets) or mass= (a share in (0, 1])")
+    if mass is not None and not 0 < mass <= 1:
+        raise ValueError(f"mass={mass} must be in (0, 1]")
+
+
+def _grouped_queries(q_last_BLHD: torch.Tensor, kv_heads: int, scale: float | None) -> torch.Tensor:
+    """fp64 ``[B, Hkv, G, L, D]``: the queries times the softmax scale, query heads grouped by KV head."""
     bsz, last, hq, d = q_last_BLHD.shape
-    seq, hkv = k_BSHD.shape[1], k_BSHD.shape[2]
-    n = _blocks(seq, block, "sequence")
-    group = hq // hkv
     scale = scale if scale is not None else d**-0.5
-    q = q_last_BLHD.float().reshape(bsz, last, hkv, group, d)
-    logits = torch.einsum("blhgd,bshd->bhgls", q, k_BSHD.float()) * scale
-    positions = torch.arange(seq - last, seq, device=k_BSHD.device)[:, None]
-    keys = torch.arange(seq, device=k_BSHD.device)[None, :]
-    logits = logits.masked_fill(keys > positions, float("-inf"))
-    probs = logits.softmax(dim=-1).mean(dim=2)  # [B, Hkv, L, S]: a group shares its KV head's pattern
-    vertical_score = probs.sum(dim=2)  # per key column
-    offsets = (positions - keys).clamp(min=0)  # diagonal offset of each (query, key)
-    slash_score = torch.zeros(bsz, hkv, seq, device=probs.device).scatter_add_(
-        2, offsets.expand(bsz, hkv, last, seq).reshape(bsz, hkv, -1), probs.reshape(bsz, hkv, -1)
+    q = q_last_BLHD.double().reshape(bsz, last, kv_heads, hq // kv_heads, d).permute(0, 2, 3, 1, 4)
+    return (q * scale).contiguous()
+
+
+def _default_key_chunk(q_BHGLD: torch.Tensor) -> int:
+    """Keys per chunk that keep one chunk's fp64 scores ``[B, Hkv, G, L, N]`` at the device's element budget."""
+    bsz, hkv, group, last, _ = q_BHGLD.shape
+    elements = _CPU_CHUNK_ELEMENTS if q_BHGLD.device.type == "cpu" else _CHUNK_ELEMENTS
+    return max(1, elements // (bsz * hkv * group * last))
+
+
+def _key_chunks(positions_S: torch.Tensor, key_chunk: int) -> list[tuple[int, int]]:
+    """Local ranges ``[start, stop)`` of keys whose global positions (int64 ``[S_local]``, CPU, increasing) fall
+    in one window of ``key_chunk`` positions: at most ``key_chunk`` keys spanning at most ``key_chunk``
+    positions, which bounds both the score chunk and the diagonal buffer of :func:`_diagonal_sums`."""
+    _, counts = torch.unique_consecutive(positions_S // key_chunk, return_counts=True)
+    stops = counts.cumsum(0).tolist()
+    return list(zip([0, *stops[:-1]], stops, strict=True))
+
+
+def _chunk_logits(
+    q_BHGLD: torch.Tensor, k_BNHD: torch.Tensor, positions_N: torch.Tensor, seq: int
+) -> torch.Tensor:
+    """fp64 ``[B, Hkv, G, L, N]`` scaled logits of the last ``L`` queries of a length-``seq`` sequence against
+    keys ``[B, N, Hkv, D]`` at global positions ``positions_N`` (CPU int64), −inf where causality masks them."""
+    group, last = q_BHGLD.shape[2:4]
+    # One [G·L, D] × [D, N] product per KV head, so k is never repeated over the group.
+    logits = (q_BHGLD.flatten(2, 3) @ k_BNHD.double().permute(0, 2, 3, 1)).unflatten(2, (group, last))
+    if int(positions_N[-1]) > seq - last:  # only keys among the last L positions can follow a query
+        keys = positions_N.to(logits.device)[None, :]
+        queries = torch.arange(seq - last, seq, device=logits.device)[:, None]
+        logits.masked_fill_(keys > queries, float("-inf"))
+    return logits
+
+
+def _log_normalizer(
+    q_BHGLD: torch.Tensor,
+    k_BSHD: torch.Tensor,
+    positions_S: torch.Tensor,
+    seq: int,
+    chunks: list[tuple[int, int]],
+) -> torch.Tensor:
+    """fp64 ``[B, Hkv, G, L]``: log of each query's softmax denominator over the keys ``[B, S_local, Hkv, D]``
+    at ``positions_S`` (−inf for a query that sees none of them), accumulated over key chunks."""
+    lse = torch.full(q_BHGLD.shape[:4], float("-inf"), dtype=torch.float64, device=q_BHGLD.device)
+    for start, stop in chunks:
+        logits = _chunk_logits(q_BHGLD, k_BSHD[:, start:stop], positions_S[start:stop], seq)
+        lse = torch.logaddexp(lse, logits.logsumexp(dim=-1))
+    return lse
+
+
+def _attention_mass(
+    q_BHGLD: torch.Tensor,
+    k_BSHD: torch.Tensor,
+    positions_S: torch.Tensor,
+    seq: int,
+    lse_BHGL: torch.Tensor,
+    chunks: list[tuple[int, int]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention of the last queries on the keys ``[B, S_local, Hkv, D]`` at ``positions_S``, normalized
+    by the global ``lse_BHGL`` and averaged over each group's query heads, summed per key column (vertical)
+    and per diagonal offset ``o = i − j`` (slash): fp64 ``[B, Hkv, seq]`` each, indexed by global position and
+    by offset, zero where these keys contribute nothing (other ranks' columns)."""
+    bsz, hkv, _, last, _ = q_BHGLD.shape
+    device = q_BHGLD.device
+    positions_on_device = positions_S.to(device)  # once, not a host-to-device copy per chunk
+    vertical = torch.zeros(bsz, hkv, seq, dtype=torch.float64, device=device)
+    # Indexed by r = j + (L − 1 − l) = seq − 1 − o; r ≥ seq are masked pairs (o < 0), whose mass is zero.
+    reversed_slash = torch.zeros(bsz, hkv, seq + last - 1, dtype=torch.float64, device=device)
+    for start, stop in chunks:
+        logits = _chunk_logits(q_BHGLD, k_BSHD[:, start:stop], positions_S[start:stop], seq)
+        probs_BHLN = logits.sub_(lse_BHGL[..., None]).exp_().mean(dim=2)
+        positions_N = positions_on_device[start:stop]
+        vertical.index_copy_(2, positions_N, probs_BHLN.sum(dim=2))
+        first, span = int(positions_S[start]), int(positions_S[stop - 1] - positions_S[start]) + 1
+        diagonals = _diagonal_sums(probs_BHLN, positions_N - first, span)
+        reversed_slash[..., first : first + diagonals.shape[-1]] += diagonals
+    return vertical, reversed_slash[..., :seq].flip(-1)
+
+
+def _diagonal_sums(probs_BHLN: torch.Tensor, offsets_N: torch.Tensor, span: int) -> torch.Tensor:
+    """``[B, H, span + L − 1]`` (``probs``' dtype): entry ``t`` sums ``probs[..., l, c]`` over
+    ``(L − 1 − l) + offsets_N[c] = t``, where ``offsets_N`` (int64 on ``probs``' device, increasing from 0 to
+    ``span − 1``) place the keys.
+
+    Skew instead of a scatter-add (whose atomics all collide on a few offsets on a GPU): row ``l`` is copied
+    into a zeroed ``[L, width]`` buffer shifted right by ``L − 1 − l``, written through a view of row stride
+    ``width − 1``, so that each diagonal becomes a column and one sum over the rows gives all of them.
+    """
+    bsz, heads, last, _ = probs_BHLN.shape
+    width = span + last  # the view's row stride width − 1 ≥ span: shifted rows never overlap
+    buffer = probs_BHLN.new_zeros(bsz, heads, last * width)
+    shifted = buffer.as_strided(
+        (bsz, heads, last, span), (heads * last * width, last * width, width - 1, 1), last - 1
     )
-    if mass is not None:
-        vertical_mask = _smallest_share(vertical_score, mass)
-        slash_mask = _smallest_share(slash_score, mass)
+    if span == probs_BHLN.shape[-1]:  # consecutive positions (contiguous and zigzag shards): a plain copy
+        shifted.copy_(probs_BHLN)
     else:
-        everything = torch.ones_like(vertical_score, dtype=torch.bool)
-        vertical_mask = _top_by_score(vertical_score, everything, verticals)
-        slash_mask = _top_by_score(slash_score, everything, slashes)
-    qb = torch.arange(n, device=probs.device)
-    kb = torch.arange(n, device=probs.device)
-    base = (kb[None, :] <= qb[:, None]) & (
-        (qb[:, None] - kb[None, :] < window_blocks) | (kb[None, :] < sink_blocks)
-    )
-    active = base.expand(bsz, hkv, n, n).clone()
-    # A slash at offset o touches, from query block qb (positions qb·B … qb·B+B−1), key positions i − o, i.e.
-    # key blocks floor((qb·B − o)/B) … floor((qb·B + B − 1 − o)/B): at most two per query block.
-    b_idx, h_idx, o_idx = slash_mask.nonzero(as_tuple=True)
-    for first in (0, block - 1):
-        key_pos = qb[None, :] * block + first - o_idx[:, None]
-        valid = key_pos >= 0
-        key_block = key_pos.clamp(min=0) // block
-        rows = torch.nonzero(valid, as_tuple=True)
-        active[b_idx[rows[0]], h_idx[rows[0]], qb[rows[1]], key_block[rows]] = True
-    active &= _causal_blocks(n, n, active.device)
-    return BlockPattern(active, block, bars_BHS=vertical_mask)
+        shifted.index_copy_(3, offsets_N, probs_BHLN)
+    return buffer.view(bsz, heads, last, width).sum(dim=2)[..., : span + last - 1]
+
+
+def _vertical_slash_pattern(
+    vertical_BHS: torch.Tensor,
+    slash_BHS: torch.Tensor,
+    block: int,
+    *,
+    verticals: int | None = None,
+    slashes: int | None = None,
+    mass: float | None = None,
+    sink_blocks: int = 1,
+    window_blocks: int = 1,
+) -> BlockPattern:
+    """The pattern from fp32 column scores and diagonal-offset scores ``[B, Hkv, S]`` (see :func:`vertical_slash`
+    for the selection rules); ties are broken by the lower index."""
+    seq = vertical_BHS.shape[-1]
+    n = _blocks(seq, block, "sequence")
+    if mass is not None:
+        vertical_mask = _smallest_share(vertical_BHS, mass)
+        slash_mask = _smallest_share(slash_BHS, mass)
+    else:
+        everything = torch.ones_like(vertical_BHS, dtype=torch.bool)
+        vertical_mask = _top_by_score(vertical_BHS, everything, verticals)
+        slash_mask = _top_by_score(slash_BHS, everything, slashes)
+    qb = torch.arange(n, device=vertical_BHS.device)[:, None]
+    kb = torch.arange(n, device=vertical_BHS.device)[None, :]
+    base = (kb <= qb) & ((qb - kb < window_blocks) | (kb < sink_blocks))
+    diagonals = _slash_block_diagonals(slash_mask, block)
+    slashed = diagonals[:, :, (qb - kb).clamp(min=0)] & (kb <= qb)
+    return BlockPattern(base | slashed, block, bars_BHS=vertical_mask)
+
+
+def _slash_block_diagonals(slash_mask_BHS: torch.Tensor, block: int) -> torch.Tensor:
+    """bool ``[B, Hkv, S/block]``: the block diagonals ``d = qb − kb`` the selected slashes touch.
+
+    A slash at offset ``o = a·block + r`` maps query block ``qb`` (positions ``qb·block … qb·block + block − 1``)
+    to key positions ``i − o``, i.e. key blocks ``qb − a`` and, when ``r > 0``, ``qb − a − 1``.
+    """
+    bsz, hkv, seq = slash_mask_BHS.shape
+    by_block = slash_mask_BHS.reshape(bsz, hkv, seq // block, block)
+    diagonals = by_block.any(dim=-1)
+    diagonals[..., 1:] |= by_block[..., :-1, 1:].any(dim=-1)
+    return diagonals
 
 
 def _smallest_share(score: torch.Tensor, share: float) -> torch.Tensor:
     """bool like ``score`` ``[..., N]``: the fewest highest entries whose sum reaches ``share`` of the row's sum."""
-    if not 0 < share <= 1:
-        raise ValueError(f"mass={share} must be in (0, 1]")
     order = torch.sort(score, dim=-1, descending=True, stable=True)
     cumulative = order.values.cumsum(dim=-1)
     total = cumulative[..., -1:]
