@@ -8,11 +8,13 @@ overrides (applied last), e.g.::
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -25,6 +27,12 @@ from sparsetron.config import (
     write_resolved,
 )
 from sparsetron.dist.errors import LayoutError
+from sparsetron.parallel.context.sparse_report import (
+    PATTERNS,
+    SparseCPReport,
+    SparseCPSpec,
+    sparse_cp_report,
+)
 from sparsetron.sync.cli import sync_app
 
 app = typer.Typer(
@@ -43,6 +51,14 @@ app.add_typer(config_app, name="config")
 data_app = typer.Typer(help="Prepare token stores for training.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(sync_app, name="sync")
+bench_app = typer.Typer(
+    help=(
+        "Benchmarks that run from the installed package, on the CPU (`sparsetron bench` lists them). The GPU "
+        "and multi-process benchmarks are scripts in the source repository (not installed): benchmarks/*.py, "
+        "with their results in benchmarks/RESULTS.md."
+    ),
+)
+app.add_typer(bench_app, name="bench")
 
 stderr = Console(stderr=True)
 stdout = Console()
@@ -91,7 +107,7 @@ def config_check(
     ] = None,
 ) -> None:
     """Validate a config for a world size, without starting anything; exit 2 with every problem and a fix."""
-    from sparsetron.dist.preflight import check_job
+    from sparsetron.dist.preflight import check_job, cp_node_size
 
     cfg = _load(args)
     world = world_size if world_size is not None else cfg.cluster.nodes * cfg.cluster.procs_per_node
@@ -99,7 +115,14 @@ def config_check(
         dims = check_job(cfg, world)
     except LayoutError as exc:
         raise _fail(str(exc)) from exc
-    stdout.print(f"ok: {dims} (edp={dims.edp}, cp_ring={dims.cp_ring})")
+    ring = ""
+    if cfg.parallel.cp_method.value == "sparse_ring" and dims.cp > 1:
+        node_size = cp_node_size(cfg)
+        hierarchy = (
+            f"{dims.cp // node_size} nodes × {node_size}, hierarchical" if node_size < dims.cp else "flat"
+        )
+        ring = f", sparse ring: {hierarchy}"
+    stdout.print(f"ok: {dims} (edp={dims.edp}, cp_ring={dims.cp_ring}{ring})")
 
 
 @config_app.command("docs")
@@ -238,11 +261,6 @@ def report(
         stdout.print(f"wrote {png}", highlight=False)
 
 
-def _later(command: str, lands_with: str, today: str) -> None:
-    """Exit 2 with a clear message for a command whose feature lands in a later issue."""
-    raise _fail(f"`sparsetron {command}` is not available yet: {lands_with}. {today}")
-
-
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
@@ -372,14 +390,186 @@ def convert(
         raise _fail(str(exc)) from exc
 
 
-@app.command(context_settings=PASSTHROUGH)
+@bench_app.callback(invoke_without_command=True)
 def bench(ctx: typer.Context) -> None:
-    """Run the benchmarks of benchmarks/ (attention, MoE, communication) and print a table."""
-    _later(
-        "bench",
-        "benchmarks arrive with the context- and expert-parallelism issues",
-        "Recorded numbers live in benchmarks/RESULTS.md.",
+    """Without a benchmark name: list the benchmarks."""
+    if ctx.invoked_subcommand is not None:
+        return
+    table = Table(title="sparsetron bench: benchmarks in the package (CPU)", title_justify="left")
+    table.add_column("command", no_wrap=True)
+    table.add_column("what")
+    for name, command in sorted(ctx.command.commands.items()):
+        table.add_row(f"sparsetron bench {name}", command.get_short_help_str(limit=200))
+    stdout.print(table)
+    stdout.print(
+        "GPU and multi-process benchmarks: benchmarks/*.py in the source repository, results in "
+        "benchmarks/RESULTS.md.",
+        highlight=False,
     )
+
+
+SPARSE_CP_DEFAULTS = SparseCPSpec()
+
+
+@bench_app.command(
+    "sparse-cp",
+    short_help="Plan a sparse attention pattern on a context-parallel ring: work balance and K/V bytes per step.",
+)
+def bench_sparse_cp(
+    pattern: Annotated[
+        str, typer.Option(help=f"Pattern to plan: {', '.join(PATTERNS)}.")
+    ] = SPARSE_CP_DEFAULTS.pattern,
+    inputs: Annotated[
+        str,
+        typer.Option(
+            help="topk, vertical_slash: seeded random q and k, or planted ones whose answer is known."
+        ),
+    ] = SPARSE_CP_DEFAULTS.inputs,
+    seq: Annotated[int, typer.Option(help="Tokens; a multiple of block × world.")] = SPARSE_CP_DEFAULTS.seq,
+    block: Annotated[int, typer.Option(help="Tokens per block.")] = SPARSE_CP_DEFAULTS.block,
+    world: Annotated[int, typer.Option(help="Ranks W of the ring.")] = SPARSE_CP_DEFAULTS.world,
+    node_size: Annotated[
+        int | None,
+        typer.Option(help="Ranks per node: also count the hierarchical ring's inter- and intra-node bytes."),
+    ] = SPARSE_CP_DEFAULTS.node_size,
+    batch: Annotated[int, typer.Option(help="Sequences.")] = SPARSE_CP_DEFAULTS.batch,
+    heads: Annotated[int, typer.Option(help="Query heads Hq.")] = SPARSE_CP_DEFAULTS.heads,
+    kv_heads: Annotated[int, typer.Option(help="Key/value heads Hkv.")] = SPARSE_CP_DEFAULTS.kv_heads,
+    head_dim: Annotated[
+        int, typer.Option(help="Head dimension D of the inputs and of the traffic (K and V in bf16).")
+    ] = SPARSE_CP_DEFAULTS.head_dim,
+    seed: Annotated[int, typer.Option(help="Seed of the inputs.")] = SPARSE_CP_DEFAULTS.seed,
+    window_blocks: Annotated[
+        int, typer.Option(help="window: recent blocks kept.")
+    ] = SPARSE_CP_DEFAULTS.window_blocks,
+    sink_blocks: Annotated[
+        int, typer.Option(help="window, vertical_slash: first blocks kept.")
+    ] = SPARSE_CP_DEFAULTS.sink_blocks,
+    stride: Annotated[
+        int, typer.Option(help="strided: KV head h keeps blocks ≡ h mod stride.")
+    ] = SPARSE_CP_DEFAULTS.stride,
+    local_blocks: Annotated[
+        int, typer.Option(help="strided, topk: recent blocks kept.")
+    ] = SPARSE_CP_DEFAULTS.local_blocks,
+    k: Annotated[
+        int, typer.Option("--k", help="topk: earlier blocks kept per query block.")
+    ] = SPARSE_CP_DEFAULTS.k,
+    verticals: Annotated[
+        int | None, typer.Option(help="vertical_slash: key columns kept.")
+    ] = SPARSE_CP_DEFAULTS.verticals,
+    slashes: Annotated[
+        int | None, typer.Option(help="vertical_slash: diagonals kept.")
+    ] = SPARSE_CP_DEFAULTS.slashes,
+    mass: Annotated[
+        float | None,
+        typer.Option(help="vertical_slash: attention share kept, (0, 1]; 0.9 without --verticals/--slashes."),
+    ] = SPARSE_CP_DEFAULTS.mass,
+    last_q: Annotated[
+        int, typer.Option(help="vertical_slash: last queries estimated from.")
+    ] = SPARSE_CP_DEFAULTS.last_q,
+    kv_head: Annotated[int, typer.Option(help="The KV head --plot draws.")] = SPARSE_CP_DEFAULTS.kv_head,
+    plot: Annotated[
+        Path | None, typer.Option(help="Directory to write pattern.png and work.png into.")
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="File to write every number (and the work matrix) to.")
+    ] = None,
+) -> None:
+    """Plan a block-sparse pattern on a striped context-parallel ring (on the CPU, nothing distributed runs):
+    density, per-step work max/mean, idle steps and the K/V bytes per step of the sparse ring vs a dense ring;
+    with --node-size the hierarchical ring's inter- vs intra-node bytes."""
+    spec = SparseCPSpec(
+        pattern=pattern, inputs=inputs, seq=seq, block=block, world=world, node_size=node_size, batch=batch,
+        heads=heads, kv_heads=kv_heads, head_dim=head_dim, seed=seed, window_blocks=window_blocks,
+        sink_blocks=sink_blocks, stride=stride, local_blocks=local_blocks, k=k, verticals=verticals,
+        slashes=slashes, mass=mass, last_q=last_q, kv_head=kv_head,
+    )  # fmt: skip
+    problems = spec.problems()
+    if problems:
+        raise _fail(problems[0] if len(problems) == 1 else "\n  - ".join(["bad arguments:", *problems]))
+    try:
+        block_pattern, plan, report = sparse_cp_report(spec)
+    except ValueError as exc:  # the pattern builder's own checks
+        raise _fail(str(exc)) from exc
+    _print_sparse_cp(report)
+    if plot is not None:
+        from sparsetron.parallel.context.sparse_plot import plot_pattern, plot_work
+
+        pattern_png = plot_pattern(block_pattern, plot / "pattern.png", kv_head=kv_head)
+        work_png = plot_work(plan, plot / "work.png")
+        stdout.print(f"wrote {pattern_png} and {work_png}", highlight=False, soft_wrap=True)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report.as_dict(), indent=1))
+        stdout.print(f"wrote {json_path}", highlight=False, soft_wrap=True)
+
+
+def _size(n: int) -> str:
+    """Bytes in binary units: ``0 B``, ``16.0 KiB``, ``8.00 MiB``, ``1.25 GiB``."""
+    if n < 1 << 10:
+        return f"{n} B"
+    if n < 1 << 20:
+        return f"{n / (1 << 10):.1f} KiB"
+    if n < 1 << 30:
+        return f"{n / (1 << 20):.2f} MiB"
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part / whole:.1%}" if whole else "-"
+
+
+def _print_sparse_cp(report: SparseCPReport) -> None:
+    """The summary lines, the per-step table and, with a node size, the per-node-offset table."""
+    worst, idle = report.worst_step, report.idle_steps
+    lines = [
+        report.spec.describe(),
+        report.note,
+        f"density             {report.density:.4f}",
+        f"worst-step max/mean {report.imbalance_S[worst]:.3f} (step {worst})",
+        f"idle steps          {', '.join(map(str, idle)) if idle else 'none'}",
+        f"bytes sent          {_size(report.sparse_bytes)} vs dense ring {_size(report.dense_bytes)} "
+        f"({_share(report.sparse_bytes, report.dense_bytes)})",
+    ]
+    hier = report.hierarchy
+    if hier is not None:
+        inter, intra = sum(hier.inter_T), sum(hier.intra_T)
+        lines.append(
+            f"hierarchical        {hier.nodes} nodes × {hier.node_size}: inter-node {_size(inter)} "
+            f"({_share(inter, hier.flat_inter)} of the flat ring's {_size(hier.flat_inter)}), intra-node "
+            f"{_size(intra)}"
+        )
+    for line in lines:
+        stdout.print(line, highlight=False, soft_wrap=True)
+
+    table = Table(
+        title=f"per ring step (K+V block = {_size(report.block_bytes)})",
+        title_justify="left",
+        box=box.SIMPLE,
+        pad_edge=False,
+    )
+    for column in ("step", "work max", "work mean", "max/mean", "sparse", "dense", "vs dense"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for s, sparse in enumerate(report.sparse_bytes_S):
+        dense = report.dense_step_bytes if s else 0
+        note = " idle" if s in idle else " worst" if s == worst else ""
+        table.add_row(
+            f"{s}{note}",
+            str(report.work_max_S[s]),
+            f"{report.work_mean_S[s]:.1f}",
+            f"{report.imbalance_S[s]:.3f}",
+            _size(sparse),
+            _size(dense),
+            _share(sparse, dense),
+        )
+    stdout.print(table)
+    if hier is not None:
+        table = Table(title="hierarchical ring, per node offset", title_justify="left", box=box.SIMPLE)
+        for column in ("offset", "inter-node", "intra-node"):
+            table.add_column(column, justify="right", no_wrap=True)
+        for t, (inter_t, intra_t) in enumerate(zip(hier.inter_T, hier.intra_T, strict=True)):
+            table.add_row(str(t), _size(inter_t), _size(intra_t))
+        stdout.print(table)
 
 
 def main() -> None:

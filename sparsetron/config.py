@@ -243,6 +243,13 @@ class ParallelConfig:
         CPLayout.zigzag, "How a sequence is split over the cp ranks: zigzag, striped or contiguous."
     )
     cp_block: int = knob(128, "Block size (tokens) of the striped layout.")
+    cp_node_size: int = knob(
+        0,
+        "For cp_method=sparse_ring: cp ranks per node of the hierarchical sparse ring (an inner ring inside each "
+        "node, an outer one across nodes that carries each referenced block once per node pair); must divide cp, "
+        "and cp itself is the flat ring. 0: from the launch, cluster.procs_per_node when the cp group spans "
+        "several of cluster.nodes (procs_per_node < cp, dividing it), else the flat ring.",
+    )
     ulysses_degree: int = knob(
         1,
         "For cp_method=hybrid: ranks of the inner Ulysses all-to-all (node-local); the ring spans cp / ulysses_degree.",

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from sparsetron.config import load_config
 from sparsetron.dist import LayoutError, ParallelDims
-from sparsetron.dist.preflight import check_job
+from sparsetron.dist.preflight import check_job, cp_node_size
 
 # A fixed job, independent of what the shipped demo config happens to say: 8 experts, 8/4 heads,
 # 2048-token sequences, 4 sequences per step, FSDP2 2 × CP 2 with experts folded as ep 2.
@@ -175,6 +175,69 @@ def test_each_rule_fails_with_its_values(overrides, world, fragment):
     with pytest.raises(LayoutError) as info:
         check_job(cfg, world)
     assert fragment in str(info.value)
+
+
+#: A window-sparse job on the sparse ring: cp = 4 of 8 ranks, blocks of 64 tokens (2048 = 4 × 64 × 8).
+SPARSE_RING = [
+    "model.attention_pattern=window",
+    "model.sparse_block=64",
+    "parallel.cp_method=sparse_ring",
+    "parallel.cp_layout=striped",
+    "parallel.cp_block=64",
+    "parallel.cp=4",
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (
+            ["parallel.cp_node_size=3"],
+            "parallel.cp_node_size=3 must divide parallel.cp=4 (every node of the hierarchical sparse ring holds "
+            "the same number of cp ranks); use one of 1, 2, 4 (4: the flat ring)",
+        ),
+        (
+            ["parallel.cp_node_size=-1"],
+            "parallel.cp_node_size=-1 must be ≥ 0: n > 0 puts n cp ranks on each node of the hierarchical "
+            "sparse ring, 0 takes cluster.procs_per_node from the launch",
+        ),
+        (
+            ["parallel.cp_node_size=2", "parallel.cp_method=ring", "model.attention_pattern=dense"],
+            "parallel.cp_node_size=2 only applies to cp_method=sparse_ring (cp_method=ring); remove it or set "
+            "parallel.cp_method=sparse_ring",
+        ),
+    ],
+)
+def test_node_size_rules_name_value_rule_and_fix(overrides, fragment):
+    with pytest.raises(LayoutError) as info:
+        check_job(demo(*SPARSE_RING, *overrides), 8)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("node_size", [1, 2, 4])
+def test_node_sizes_dividing_cp_pass(node_size):
+    cfg = demo(*SPARSE_RING, f"parallel.cp_node_size={node_size}")
+    assert check_job(cfg, 8).cp == 4 and cp_node_size(cfg) == node_size
+
+
+@pytest.mark.parametrize(
+    ("launch", "expected"),
+    [
+        (["cluster.nodes=2", "cluster.procs_per_node=4"], 4),  # cp = 4 inside a node: the flat ring
+        (["cluster.nodes=4", "cluster.procs_per_node=2"], 2),  # each cp group spans 2 nodes × 2
+        (["cluster.nodes=8", "cluster.procs_per_node=1"], 1),  # one rank per node: the outer ring alone
+        (["cluster.nodes=1", "cluster.procs_per_node=8"], 4),  # one node
+        (["cluster.nodes=2", "cluster.procs_per_node=3"], 4),  # groups would straddle nodes unevenly: flat
+        (["cluster.nodes=4", "cluster.procs_per_node=2", "parallel.cp_node_size=4"], 4),  # set: kept
+    ],
+)
+def test_node_size_zero_comes_from_the_launch_layout(launch, expected):
+    assert cp_node_size(demo(*SPARSE_RING, *launch)) == expected
+
+
+def test_node_size_from_the_launch_only_for_the_sparse_ring():
+    cfg = demo("parallel.cp=4", "cluster.nodes=4", "cluster.procs_per_node=2")
+    assert cfg.parallel.cp_node_size == 0 and cp_node_size(cfg) == 4
 
 
 def test_hybrid_four_by_two():

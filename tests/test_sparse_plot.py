@@ -1,15 +1,11 @@
-"""Pictures of sparse rings: the block-pattern and work-matrix PNGs, and the ``benchmarks/sparse_cp_plot.py`` CLI."""
+"""Pictures of sparse rings: the block-pattern and work-matrix PNGs (``sparsetron bench sparse-cp --plot``:
+tests/test_bench_cli.py)."""
 
 from __future__ import annotations
-
-import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from launch_env import REPO, clean_env
 from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 
@@ -120,81 +116,3 @@ def test_out_of_range_head_is_refused(tmp_path):
     with pytest.raises(ValueError, match="kv_head=2"):
         plot_pattern(pattern, tmp_path / "x.png", kv_head=2)
     assert not (tmp_path / "x.png").exists()
-
-
-def _script(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "sparse_cp_plot.py"), *args],
-        env=clean_env(),
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-
-
-def test_script_writes_pngs_and_prints_its_table(tmp_path):
-    out = tmp_path / "plots"
-    args = ["--seq", "1024", "--block", "32", "--world", "4", "--kv-heads", "1", "--heads", "2"]
-    result = _script(
-        "--pattern", "window", "--window-blocks", "2", "--sink-blocks", "0", *args, "--out", str(out)
-    )
-    assert result.returncode == 0, result.stderr
-    text = result.stdout
-    expected = sliding_window_sinks(1, 1, 1024, 32, window_blocks=2, sink_blocks=0)
-    density = float(re.search(r"^density\s+([0-9.]+)$", text, re.M).group(1))
-    assert density == pytest.approx(expected.density(), abs=1e-4)
-    assert re.search(r"^idle steps\s+2, 3$", text, re.M), text
-    assert re.search(r"^worst-step max/mean\s+[0-9.]+ \(step \d\)$", text, re.M), text
-    # Only each query block's previous block travels, at step 1: 31 blocks of K and V, 32 tokens, D=128, bf16.
-    sent_mib = 31 * 2 * 32 * 128 * 2 / 2**20
-    dense_mib = 32 * 2 * 32 * 128 * 2 / 2**20
-    assert f"bytes sent          {sent_mib:.3f} MiB vs dense ring {3 * dense_mib:.3f} MiB" in text, text
-    rows = re.findall(r"^\s+(\d)\s+(\d+)\s+[0-9.]+\s+([0-9.]+)\s+([0-9.]+)\s+(\S+)$", text, re.M)
-    assert [int(r[0]) for r in rows] == [0, 1, 2, 3], text
-    assert [float(r[2]) for r in rows] == pytest.approx([0, sent_mib, 0, 0], abs=1e-3)
-    assert [float(r[3]) for r in rows] == pytest.approx([0, dense_mib, dense_mib, dense_mib], abs=1e-3)
-    for name in ("pattern.png", "work.png"):
-        assert _read_png(out / name).shape[0] >= 300
-
-
-@pytest.mark.parametrize("kind", ["topk", "vertical_slash"])
-def test_script_with_planted_inputs_finds_them(kind, tmp_path):
-    args = ["--seq", "2048", "--block", "32", "--world", "4", "--inputs", "planted", "--out", str(tmp_path)]
-    result = _script("--pattern", kind, *args)
-    assert result.returncode == 0, result.stderr
-    assert (
-        "density" in result.stdout
-        and (tmp_path / "pattern.png").exists()
-        and (tmp_path / "work.png").exists()
-    )
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import sparse_cp_plot
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    pattern, note = sparse_cp_plot.build_pattern(sparse_cp_plot.parse_args([*args, "--pattern", kind]))
-    assert note in result.stdout  # the same seeded inputs in and out of the subprocess
-    density = float(re.search(r"^density\s+([0-9.]+)$", result.stdout, re.M).group(1))
-    assert density == pytest.approx(pattern.density(), abs=1e-4)
-    active = pattern.active_BHQK[0, 0]
-    if kind == "topk":
-        hot = [int(b) for b in re.search(r"hot key blocks \[([0-9, ]+)\]", note).group(1).split(", ")]
-        # Every query block past the local one picks every hot block before it.
-        for block in hot:
-            assert bool(active[block + 1 :, block].all()), block
-    else:
-        match = re.search(r"planted key columns \[([0-9, ]+)\], slash offset (\d+)", note)
-        columns = [int(c) for c in match.group(1).split(", ")]
-        offset = int(match.group(2))
-        assert all(bool(pattern.bars_BHS[0, 0, c]) for c in columns), columns
-        # The slash: every query block far enough along holds the key block ``offset`` tokens back.
-        n = active.shape[0]
-        assert all(bool(active[q, (q * 32 - offset) // 32]) for q in range(offset // 32 + 1, n))
-
-
-def test_script_reports_a_bad_block_size(tmp_path):
-    result = _script("--pattern", "window", "--seq", "1000", "--block", "64", cwd=tmp_path)
-    assert result.returncode == 2
-    assert "multiple of the block size" in result.stderr
-    assert list(tmp_path.iterdir()) == []  # nothing drawn

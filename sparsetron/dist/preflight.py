@@ -22,6 +22,29 @@ def cp_ulysses_degree(cfg: Config) -> int:
     return 1
 
 
+def cp_node_size(cfg: Config) -> int:
+    """cp ranks per node of the hierarchical sparse ring implied by ``parallel.cp_node_size`` (``parallel.cp``:
+    the flat ring).
+
+    ``cp_node_size=0`` takes it from the launch: ranks are numbered node-major with ``cluster.procs_per_node``
+    per node and a cp group is ``cp`` consecutive ranks, so when ``procs_per_node`` divides ``cp`` every cp
+    group spans ``cp / procs_per_node`` whole nodes; otherwise (one node, a cp group inside a node, or groups
+    straddling nodes unevenly) the flat ring.
+    """
+    p, cluster = cfg.parallel, cfg.cluster
+    if p.cp_node_size > 0:
+        return p.cp_node_size
+    per_node = cluster.procs_per_node
+    if (
+        p.cp_method == CPMethod.sparse_ring
+        and cluster.nodes > 1
+        and 1 <= per_node < p.cp
+        and p.cp % per_node == 0
+    ):
+        return per_node
+    return p.cp
+
+
 def _method_problems(cfg: Config) -> list[str]:
     p = cfg.parallel
     out = []
@@ -56,6 +79,23 @@ def _method_problems(cfg: Config) -> list[str]:
         out.append(
             f"parallel.cp_method=sparse_ring balances work per ring step only on the striped layout; "
             f"got cp_layout={p.cp_layout.value}: set parallel.cp_layout=striped"
+        )
+    node_size = p.cp_node_size
+    if node_size < 0:
+        out.append(
+            f"parallel.cp_node_size={node_size} must be ≥ 0: n > 0 puts n cp ranks on each node of the "
+            "hierarchical sparse ring, 0 takes cluster.procs_per_node from the launch"
+        )
+    elif node_size > 0 and p.cp_method != CPMethod.sparse_ring:
+        out.append(
+            f"parallel.cp_node_size={node_size} only applies to cp_method=sparse_ring (cp_method="
+            f"{p.cp_method.value}); remove it or set parallel.cp_method=sparse_ring"
+        )
+    elif node_size > 0 and p.cp % node_size:
+        divisors = ", ".join(str(n) for n in range(1, p.cp + 1) if p.cp % n == 0)
+        out.append(
+            f"parallel.cp_node_size={node_size} must divide parallel.cp={p.cp} (every node of the hierarchical "
+            f"sparse ring holds the same number of cp ranks); use one of {divisors} ({p.cp}: the flat ring)"
         )
     if p.cp_layout == CPLayout.striped and p.cp_block < 1:
         out.append(f"parallel.cp_block={p.cp_block} must be a positive number of tokens")
@@ -130,7 +170,9 @@ def _dp_problems(cfg: Config) -> list[str]:
     elif not 1 <= d.topk <= d.chunk:
         out.append(f"train.dp.topk={d.topk} must be in [1, chunk={d.chunk}] (the reference keeps 64 of 4096)")
     if not (1 <= d.bits <= 8 or d.bits in (16, 32)):
-        out.append(f"train.dp.bits={d.bits} must be 1–8 (codebook) or 16/32 (raw values); the reference uses 2")
+        out.append(
+            f"train.dp.bits={d.bits} must be 1–8 (codebook) or 16/32 (raw values); the reference uses 2"
+        )
     if not 0.0 <= d.error_decay <= 1.0:
         out.append(f"train.dp.error_decay={d.error_decay} must be within [0, 1] (the reference uses 0.95)")
     if d.outer_lr is not None and d.outer_lr <= 0:

@@ -22,9 +22,11 @@ import torch.nn.functional as F
 from sparsetron.checkpoint import Checkpointer, CheckpointError, read_manifest
 from sparsetron.config import Config, to_yaml
 from sparsetron.dist.layout import ParallelMesh
+from sparsetron.dist.preflight import cp_node_size
 from sparsetron.model import Transformer, count_parameters
 from sparsetron.model.sparse_attention import SparseAttention
 from sparsetron.parallel.context import ContextParallelAttention, shard_sequence, unshard_sequence
+from sparsetron.parallel.context.sparse_hier import HierarchyGroups
 from sparsetron.parallel.data.fsdp import (
     apply_activation_checkpointing,
     apply_data_parallel,
@@ -161,12 +163,41 @@ def install_context_parallelism(model: Transformer, cfg: Config, mesh: ParallelM
 
 def install_sparse_attention(model: Transformer, cfg: Config, mesh: ParallelMesh) -> None:
     """With a sparse ``model.attention_pattern``, every layer from ``model.sparse_dense_layers`` on attends within
-    its estimated block-sparse pattern (over the cp group when cp > 1: the sparse ring)."""
+    its estimated block-sparse pattern (over the cp group when cp > 1: the sparse ring, hierarchical when
+    ``parallel.cp_node_size`` resolves to fewer ranks per node than cp)."""
     if cfg.model.attention_pattern == "dense":
         return
-    core = SparseAttention(cfg.model, mesh.group("cp") if mesh.dims.cp > 1 else None)
+    group = node_groups = None
+    if mesh.dims.cp > 1:
+        group = mesh.group("cp")
+        node_size = cp_node_size(cfg)
+        if node_size < mesh.dims.cp:
+            node_groups = build_node_groups(mesh, node_size)
+    core = SparseAttention(cfg.model, group, node_groups)
     for layer in model.layers[cfg.model.sparse_dense_layers :]:
         layer.attn.core = core
+
+
+def build_node_groups(mesh: ParallelMesh, node_size: int) -> HierarchyGroups:
+    """This rank's node-local and cross-node groups of the hierarchical sparse ring over its cp group.
+
+    Each cp group (consecutive ranks, numbered node-major) is cut into nodes of ``node_size`` ranks: the node
+    group holds one node's ranks, the cross-node group the ranks with this rank's index on every node.
+    Collective over the whole world: ``new_group`` needs every rank to create every group, so each rank builds
+    those of all cp groups, in the same order, and keeps its own.
+    """
+    cp_groups = mesh.dims.groups_of("cp")
+    node, _ = dist.new_subgroups_by_enumeration(
+        [
+            members[start : start + node_size]
+            for members in cp_groups
+            for start in range(0, len(members), node_size)
+        ]
+    )
+    cross, _ = dist.new_subgroups_by_enumeration(
+        [members[local::node_size] for members in cp_groups for local in range(node_size)]
+    )
+    return HierarchyGroups(node, cross, node_size, mesh.dims.cp)
 
 
 def install_expert_parallelism(model: Transformer, cfg: Config, mesh: ParallelMesh) -> None:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from sparsetron.parallel.context.layouts import check_shardable, global_token_index
+
+if TYPE_CHECKING:
+    from sparsetron.parallel.context.sparse_hier import HierarchyGroups
 
 METHODS = ("ring", "ulysses", "hybrid", "allgather", "sparse_ring")
 
@@ -63,6 +68,8 @@ def context_attention(
     pattern=None,
     scale: float | None = None,
     block: int = 1,
+    node_size: int | None = None,
+    node_groups: HierarchyGroups | None = None,
 ) -> torch.Tensor:
     """Exact attention over a sequence sharded across a context-parallel group; returns this rank's output.
 
@@ -70,15 +77,24 @@ def context_attention(
     doc_ids: this rank's shard of document ids [B, S_local] (tokens attend only within their document);
     window: sliding window in tokens (causal only). Differentiable. Communicates over ``group`` — a
     ProcessGroup, or for ``method="hybrid"`` the pair ``(ring_group, ulysses_group)``.
+
+    ``method="sparse_ring"`` attends within ``pattern`` (a global BlockPattern, the same on every rank) on the
+    striped layout. With ``node_size`` below the group's size it runs the hierarchical sparse ring
+    (``sparse_hier``): ``group`` is numbered node-major with ``node_size`` ranks per node, an inner ring runs
+    over each node's ranks and an outer one across nodes; ``node_groups`` are its node-local and cross-node
+    groups (``sparse_hier.HierarchyGroups``), built once by the caller — without them each call builds them,
+    which only works when ``group`` is the whole job. Otherwise (``node_size`` None or the group's size) the
+    flat sparse ring runs over ``group``.
     """
     if method not in METHODS:
         raise ContextParallelError(f"method={method!r} is not one of {', '.join(METHODS)}")
     if method == "sparse_ring":
-        return _sparse_ring(q, k, v, group=group, layout=layout, causal=causal, doc_ids=doc_ids,
-                            window=window, pattern=pattern, scale=scale, block=block)  # fmt: skip
-    if pattern is not None:
+        return _sparse_ring(q, k, v, group=group, layout=layout, causal=causal, doc_ids=doc_ids, window=window,
+                            pattern=pattern, scale=scale, block=block, node_size=node_size,
+                            node_groups=node_groups)  # fmt: skip
+    if pattern is not None or node_size is not None or node_groups is not None:
         raise ContextParallelError(
-            "pattern= only applies to method='sparse_ring'; dense methods take no pattern"
+            "pattern=, node_size= and node_groups= only apply to method='sparse_ring'; dense methods take none"
         )
     if window is not None and (not causal or window < 1):
         raise ContextParallelError(
@@ -107,9 +123,12 @@ def context_attention(
     return hybrid_attention(q, k, v, ring_group=group[0], ulysses_group=group[1], **kwargs)
 
 
-def _sparse_ring(q, k, v, *, group, layout, causal, doc_ids, window, pattern, scale, block) -> torch.Tensor:
-    """:func:`context_attention` with ``method='sparse_ring'``: checks, then the sparse ring's output."""
+def _sparse_ring(q, k, v, *, group, layout, causal, doc_ids, window, pattern, scale, block, node_size,
+                 node_groups) -> torch.Tensor:  # fmt: skip
+    """:func:`context_attention` with ``method='sparse_ring'``: checks, then the flat or hierarchical sparse
+    ring's output."""
     from sparsetron.parallel.context.patterns import BlockPattern
+    from sparsetron.parallel.context.sparse_hier import hierarchical_sparse_ring_attention
     from sparsetron.parallel.context.sparse_ring import sparse_ring_attention
 
     if not isinstance(pattern, BlockPattern):
@@ -126,10 +145,20 @@ def _sparse_ring(q, k, v, *, group, layout, causal, doc_ids, window, pattern, sc
         problems.append("causal=True and a causal pattern")
     if doc_ids is not None or window is not None:
         problems.append("no doc_ids/window (fold them into the pattern: sliding_window_sinks, a block mask)")
+    world = dist.get_world_size(group)
+    if node_size is not None and (node_size < 1 or world % node_size):
+        problems.append(
+            f"node_size dividing the group's {world} ranks (whole nodes), got node_size={node_size}"
+        )
+    if node_groups is not None and node_size is None:
+        problems.append("node_size= with node_groups= (the ranks per node they were built for)")
     if problems:
         raise ContextParallelError("method='sparse_ring' needs " + "; ".join(problems))
     _check_shapes(q, k, v, None)
-    return sparse_ring_attention(q, k, v, pattern, group, scale=scale)[0]
+    if node_size is None or node_size == world:
+        return sparse_ring_attention(q, k, v, pattern, group, scale=scale)[0]
+    return hierarchical_sparse_ring_attention(q, k, v, pattern, group, node_size=node_size, scale=scale,
+                                              groups=node_groups)[0]  # fmt: skip
 
 
 class ContextParallelAttention(nn.Module):
