@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -211,6 +212,42 @@ def test_sparse_ring_training_matches_the_single_process_sparse_model(ranks, tmp
     assert local != dense  # the pattern really changed the attention
 
 
+def _train_counting_rings(overrides: list[str]) -> tuple[list[float], int, int]:
+    """:func:`_train`, also counting this rank's calls of the hierarchical and of the flat sparse ring."""
+    from sparsetron.parallel.context import sparse_hier, sparse_ring
+
+    hierarchical, flat = sparse_hier.hierarchical_sparse_ring_attention, sparse_ring.sparse_ring_attention
+    with (
+        mock.patch.object(
+            sparse_hier, "hierarchical_sparse_ring_attention", wraps=hierarchical
+        ) as hier_calls,
+        mock.patch.object(sparse_ring, "sparse_ring_attention", wraps=flat) as flat_calls,
+    ):
+        losses = _train(overrides)
+    return losses, hier_calls.call_count, flat_calls.call_count
+
+
+@pytest.mark.parametrize(
+    ("cp", "dp_shard", "node_size"),
+    [(4, 1, 2), (2, 2, 1)],
+    ids=["cp4-as-2x2", "fsdp2-x-cp2-as-2x1"],
+)
+def test_hierarchical_sparse_ring_training_matches_the_single_process_sparse_model(
+    ranks, tmp_path, cp, dp_shard, node_size
+):
+    """4 ranks, cp = 4 as 2 nodes × 2 (parallel.cp_node_size=2), or two cp groups of 2 ranks as 2 nodes × 1
+    (each builds its own node groups): the block top-k layer runs over the hierarchical sparse ring (inner ring
+    in a node, outer across nodes), never the flat one, and gives the losses of cp = 1."""
+    local = ranks.run(1, _train, [*BASE, *SPARSE, f"train.run_dir={tmp_path / 'cp1'}"], timeout=300)[0]
+    overrides = [*BASE, *SPARSE, f"parallel.cp={cp}", f"parallel.dp_shard={dp_shard}",
+                 "parallel.cp_method=sparse_ring", "parallel.cp_layout=striped", "parallel.cp_block=16",
+                 f"parallel.cp_node_size={node_size}", f"train.run_dir={tmp_path / 'hier'}"]  # fmt: skip
+    overrides.remove("parallel.cp=1")
+    per_rank = ranks.run(4, _train_counting_rings, overrides, timeout=300)
+    assert all(hier > 0 and flat == 0 for _, hier, flat in per_rank), [r[1:] for r in per_rank]
+    assert rel(per_rank[0][0], local) <= 1e-4, (per_rank[0][0], local)
+
+
 def test_seed_changes_the_run(ranks, tmp_path):
     a = run(ranks, 1, tmp_path / "a", ["train.steps=3"])
     b = run(ranks, 1, tmp_path / "b", ["train.steps=3", "train.seed=1"])
@@ -242,10 +279,12 @@ def _passkey_accuracy(overrides: list[str]) -> float:
     return train(cfg, check_job(cfg, dist.get_world_size()).build_mesh("cpu"), "cpu").eval_accuracy
 
 
-#: Every layer block-sparse: blocks of 16 tokens, per KV head the 8 key columns and 4 diagonals carrying most
-#: of the last 16 queries' attention, plus the first block and the local one.
+#: Block-sparse from the second layer on (the first stays dense, as MInference keeps its first layers): blocks
+#: of 16 tokens, per KV head the 8 key columns and 4 diagonals carrying most of the last 16 queries' attention,
+#: plus the first block and the local one.
 VERTICAL_SLASH = [
     "model.attention_pattern=vertical_slash",
+    "model.sparse_dense_layers=1",
     "model.sparse_block=16",
     "model.sparse_verticals=8",
     "model.sparse_slashes=4",
@@ -254,17 +293,22 @@ VERTICAL_SLASH = [
 
 
 def test_passkey_retrieval_is_learned_well_above_chance_dense_and_sparse(ranks, tmp_path):
-    """3-digit passkey hidden at a random depth of 128 bytes: exact-match chance is 1/900. The tiny MoE reaches
-    ~75% in 250 steps with dense attention and 73% with every layer vertical-slash sparse (measured); the test
-    asserts at least 30% for both and the sparse one within 25 points of the dense one, on 64 held-out samples.
-    At this length the pattern keeps ~83% of the causal blocks; a sparser one (blocks of 8, 4 columns, 2
-    diagonals: ~40%) reached only 3% in the same budget (measured), so this checks training through the
-    estimator, not retrieval at high sparsity."""
-    dense = ranks.run(1, _passkey_accuracy, [*PASSKEY, f"train.run_dir={tmp_path / 'dense'}"], timeout=600)[0]
-    sparse = ranks.run(
-        1, _passkey_accuracy, [*PASSKEY, *VERTICAL_SLASH, f"train.run_dir={tmp_path / 'sparse'}"], timeout=600
+    """3-digit passkey hidden at a random depth of 128 bytes: exact-match chance is 1/900. In 400 steps the tiny
+    MoE reaches 81% with dense attention and 81% with vertical-slash layers (seed 0; seed 1: 83% and 58%,
+    measured); the test asserts at least 50% dense, 30% sparse and the sparse one within 25 points of the dense
+    one, on 64 held-out samples. Measured and left out: with *every* layer sparse, learning is fragile (seed 0:
+    78%, seed 1: 0% after 400 steps): a query only retrieves the passkey once the estimated pattern holds its
+    column, which it does only once attention already points there. At this length the pattern keeps ~82% of
+    the causal blocks, so this checks training through the estimator, not retrieval at high sparsity."""
+    steps = ["train.steps=400"]
+    dense = ranks.run(
+        1, _passkey_accuracy, [*PASSKEY, *steps, f"train.run_dir={tmp_path / 'dense'}"], timeout=600
     )[0]
-    assert dense >= 0.30, f"dense passkey accuracy {dense:.1%} after 250 steps"
+    sparse = ranks.run(
+        1, _passkey_accuracy, [*PASSKEY, *steps, *VERTICAL_SLASH, f"train.run_dir={tmp_path / 'sparse'}"],
+        timeout=600,
+    )[0]  # fmt: skip
+    assert dense >= 0.50, f"dense passkey accuracy {dense:.1%} after 400 steps"
     assert sparse >= 0.30 and sparse >= dense - 0.25, f"sparse {sparse:.1%} vs dense {dense:.1%}"
 
 

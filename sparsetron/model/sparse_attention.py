@@ -1,8 +1,9 @@
 """Block-sparse attention as a model attention core: estimates the layer's pattern from its own q and k each
 step (a constant for the gradients) and attends only within it.
 
-Without context parallelism the pattern's token mask goes to SDPA (exact; O(S²) mask memory, like the
-reference core's document mask). With it, every rank estimates the same global pattern from gathered inputs
+Without context parallelism, on CUDA the block-sparse Triton kernel attends within the pattern
+(:mod:`sparsetron.kernels.block_sparse`); elsewhere the pattern's token mask goes to SDPA (exact; O(S²) mask
+memory, like the reference core's document mask). With it, every rank estimates the same global pattern
 (:mod:`sparsetron.parallel.context.pattern_estimation`) and runs the sparse ring on the striped layout
 (:func:`sparsetron.parallel.context.context_attention` with ``method="sparse_ring"``). ``model.attention_pattern``
 and the ``model.sparse_*`` keys choose the pattern.
@@ -15,8 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsetron.config import ModelConfig
+from sparsetron.kernels.block_sparse import block_sparse_attention
 from sparsetron.parallel.context.pattern_estimation import estimate_pattern
 from sparsetron.parallel.context.patterns import BlockPattern, sliding_window_sinks, strided
+from sparsetron.parallel.context.sparse_compute import resolve_backend
 
 PATTERNS = ("window", "strided", "block_topk", "vertical_slash")
 
@@ -47,16 +50,18 @@ class SparseAttention(nn.Module):
     """Attention core (``Transformer.set_attention_core``) attending within ``cfg``'s block-sparse pattern.
 
     ``group``: the context-parallel group (None: the whole sequence is local); with a group, the shards are
-    striped with ``block = cfg.sparse_block``. No parameters.
+    striped with ``block = cfg.sparse_block``. ``node_groups``: the group's node-local and cross-node groups
+    (``sparse_hier.HierarchyGroups``, built once for the run) to attend over the hierarchical sparse ring
+    instead of the flat one. No parameters.
     """
 
-    def __init__(self, cfg: ModelConfig, group=None) -> None:
+    def __init__(self, cfg: ModelConfig, group=None, node_groups=None) -> None:
         super().__init__()
         if cfg.attention_pattern not in PATTERNS:
             raise ValueError(
                 f"model.attention_pattern={cfg.attention_pattern!r} is not one of {', '.join(PATTERNS)}"
             )
-        self.cfg, self.group = cfg, group
+        self.cfg, self.group, self.node_groups = cfg, group, node_groups
 
     def forward(self, q_BSHD, k_BSHD, v_BSHD, *, doc_ids_BS=None, positions_BS=None) -> torch.Tensor:
         if doc_ids_BS is not None and self._packs_documents(doc_ids_BS):
@@ -71,8 +76,12 @@ class SparseAttention(nn.Module):
         if self.group is not None:
             from sparsetron.parallel.context import context_attention
 
+            node_size = None if self.node_groups is None else self.node_groups.node_size
             return context_attention(q_BSHD, k_BSHD, v_BSHD, group=self.group, method="sparse_ring",
-                                     layout="striped", block=self.cfg.sparse_block, pattern=pattern)  # fmt: skip
+                                     layout="striped", block=self.cfg.sparse_block, pattern=pattern,
+                                     node_size=node_size, node_groups=self.node_groups)  # fmt: skip
+        if resolve_backend("auto", q_BSHD, pattern.block) == "triton":
+            return block_sparse_attention(q_BSHD, k_BSHD, v_BSHD, pattern)[0]
         groups = q_BSHD.shape[2] // k_BSHD.shape[2]
         mask = pattern.token_mask(heads_per_group=groups)  # [B, Hq, S, S]
         out = F.scaled_dot_product_attention(
@@ -95,4 +104,5 @@ class SparseAttention(nn.Module):
         return bool(several.item())
 
     def extra_repr(self) -> str:
-        return f"pattern={self.cfg.attention_pattern}, block={self.cfg.sparse_block}"
+        ring = "" if self.node_groups is None else f", node_size={self.node_groups.node_size}"
+        return f"pattern={self.cfg.attention_pattern}, block={self.cfg.sparse_block}{ring}"
