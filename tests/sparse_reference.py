@@ -51,10 +51,12 @@ def stripe(seq: int, world: int, rank: int, block: int = BLOCK) -> torch.Tensor:
 
 
 def masked_attention(q, k, v, dout, pattern: BlockPattern) -> dict[str, torch.Tensor]:
-    """Dense attention under ``pattern``'s token mask: out, lse and dq/dk/dv (autograd), fp32."""
-    mask = pattern.token_mask(heads_per_group=HQ // HKV)  # [B, Hq, S, S]
+    """Dense attention under ``pattern``'s token mask: out, lse and dq/dk/dv (autograd), fp32; any head counts
+    (query heads grouped over ``Hq / Hkv`` KV heads)."""
+    groups = q.shape[2] // k.shape[2]
+    mask = pattern.token_mask(heads_per_group=groups)  # [B, Hq, S, S]
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
-    ke, ve = (t.repeat_interleave(HQ // HKV, dim=2) for t in (k, v))
+    ke, ve = (t.repeat_interleave(groups, dim=2) for t in (k, v))
     logits = torch.einsum("bqhd,bkhd->bhqk", q, ke) * q.shape[-1] ** -0.5
     logits = logits.masked_fill(~mask, float("-inf"))
     out = torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), ve)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sparse_reference import BATCH, HKV, HQ, needs_interpreter, pattern_of, rel
+from sparse_reference import BATCH, HKV, HQ, masked_attention, needs_interpreter, pattern_of, rel
 
 from sparsetron.kernels import block_sparse
 from sparsetron.kernels.block_sparse import (
@@ -42,7 +42,7 @@ def test_kernel_equals_masked_attention(kind, block, d):
     q, k, v, dout = _inputs(8 * block, HQ, HKV, d, seed=1)
     pattern = pattern_of(kind, q, k, block)
     assert (pattern.bars_BHS is not None) == (kind == "vertical_slash")
-    got, expected = _through_kernel(q, k, v, dout, pattern), _masked(q, k, v, dout, pattern)
+    got, expected = _through_kernel(q, k, v, dout, pattern), masked_attention(q, k, v, dout, pattern)
     for name in expected:
         assert rel(got[name], expected[name]) <= 1e-5, (kind, block, name, rel(got[name], expected[name]))
 
@@ -56,7 +56,7 @@ def test_kernel_mha_and_non_causal_mask():
     pattern = from_block_mask(active, 16, causal=False)
     mask = pattern.token_mask()
     assert not pattern.causal and bool(mask.triu(1).any())  # some keys after their query are attended
-    got, expected = _through_kernel(q, k, v, dout, pattern), _masked(q, k, v, dout, pattern)
+    got, expected = _through_kernel(q, k, v, dout, pattern), masked_attention(q, k, v, dout, pattern)
     for name in expected:
         assert rel(got[name], expected[name]) <= 1e-5, (name, rel(got[name], expected[name]))
 
@@ -156,35 +156,16 @@ def test_gpu_bf16_kernel_matches_fp32_reference(kind, block):
     q, k, v, dout = _inputs(16 * block, 8, 2, 128, seed=6, device="cuda")
     pattern = pattern_of(kind, q, k, block)
     got = _through_kernel(*(t.bfloat16() for t in (q, k, v, dout)), pattern)
-    reference = _masked(q, k, v, dout, pattern)
+    reference = masked_attention(q, k, v, dout, pattern)
     for name in reference:
         err = rel(got[name].float(), reference[name])
         assert err <= 2e-2, (kind, block, name, err)
-
-
-def _masked(q, k, v, dout, pattern):
-    """fp32 masked attention under ``pattern``'s token mask, any head counts: out, lse and dq/dk/dv."""
-    groups = q.shape[2] // k.shape[2]
-    mask = pattern.token_mask(heads_per_group=groups)
-    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
-    ke, ve = (t.repeat_interleave(groups, dim=2) for t in (k, v))
-    logits = torch.einsum("bqhd,bkhd->bhqk", q, ke) * q.shape[-1] ** -0.5
-    logits = logits.masked_fill(~mask, float("-inf"))
-    out = torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), ve)
-    (out * dout).sum().backward()
-    return {
-        "out": out.detach(),
-        "lse": logits.logsumexp(-1).detach(),
-        "dq": q.grad,
-        "dk": k.grad,
-        "dv": v.grad,
-    }
 
 
 @needs_cuda
 def test_gpu_fp32_kernel_is_exact():
     q, k, v, dout = _inputs(512, 8, 2, 64, seed=7, device="cuda")
     pattern = pattern_of("vertical_slash", q, k, 64)
-    got, reference = _through_kernel(q, k, v, dout, pattern), _masked(q, k, v, dout, pattern)
+    got, reference = _through_kernel(q, k, v, dout, pattern), masked_attention(q, k, v, dout, pattern)
     for name in reference:
         assert rel(got[name], reference[name]) <= 1e-5, (name, rel(got[name], reference[name]))
