@@ -99,6 +99,14 @@ def _api_error(kwargs: dict) -> str:
         ({"method": "sparse_ring"}, "method='sparse_ring' needs pattern=BlockPattern"),
         ({"method": "sparse_ring", "pattern": "window4"}, "needs layout='striped' with block=4"),
         ({"method": "ring", "pattern": object()}, "pattern= only applies to method='sparse_ring'"),
+        (
+            {"method": "ulysses", "node_size": 2},
+            "node_size= only applies to method='sparse_ring'; method='ulysses'",
+        ),
+        (
+            {"method": "sparse_ring", "pattern": "window4", "layout": "striped", "block": 4, "node_size": 3},
+            "node_size dividing the group's 2 ranks (whole nodes), got node_size=3",
+        ),
         ({"method": "ring", "window": 4, "causal": False}, "window=4 needs causal=True"),
         ({"method": "hybrid"}, "method='hybrid' needs group=(ring_group, ulysses_group)"),
         ({"method": "ulysses_ring"}, "method='ulysses_ring' is not one of ring, ulysses, hybrid, allgather"),

@@ -92,9 +92,12 @@ def context_attention(
         return _sparse_ring(q, k, v, group=group, layout=layout, causal=causal, doc_ids=doc_ids, window=window,
                             pattern=pattern, scale=scale, block=block, node_size=node_size,
                             node_groups=node_groups)  # fmt: skip
-    if pattern is not None or node_size is not None or node_groups is not None:
+    sparse_only = {"pattern": pattern, "node_size": node_size, "node_groups": node_groups}
+    given = [f"{name}=" for name, value in sparse_only.items() if value is not None]
+    if given:
         raise ContextParallelError(
-            "pattern=, node_size= and node_groups= only apply to method='sparse_ring'; dense methods take none"
+            f"{' and '.join(given)} only {'applies' if len(given) == 1 else 'apply'} to method='sparse_ring'; "
+            f"method={method!r} is dense: drop {'it' if len(given) == 1 else 'them'}"
         )
     if window is not None and (not causal or window < 1):
         raise ContextParallelError(
