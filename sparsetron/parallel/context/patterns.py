@@ -22,6 +22,9 @@ index, so it is deterministic: block top-k in fp32; vertical-slash scores keys i
 and rounding to fp32, so that the order of its sums (chunks, context-parallel ranks) does not show. Under
 context parallelism (:mod:`.pattern_estimation`) block top-k runs on the gathered pooled blocks and
 vertical-slash on each rank's own keys, its scores summed over the ranks; every layout gets the same pattern.
+On CUDA the two vertical-slash passes run fused (:mod:`sparsetron.kernels.attention_mass`: scores, softmax
+statistics and the group mean in one kernel, fp32 probabilities out) and only the sums over them stay in fp64
+torch; each score is computed by the same instructions on every rank and layout, so that argument holds there.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from sparsetron.kernels import attention_mass
 
 
 @dataclass(frozen=True)
@@ -279,6 +284,12 @@ def _chunk_logits(
     return logits
 
 
+def _fused(q_BHGLD: torch.Tensor, k_BSHD: torch.Tensor) -> bool:
+    """Whether the scores go through the fused Triton passes (:mod:`sparsetron.kernels.attention_mass`): on
+    CUDA when they can run; the CPU keeps the fp64 torch path (the reference they are tested against)."""
+    return k_BSHD.is_cuda and attention_mass.unsupported_reason(q_BHGLD, k_BSHD) is None
+
+
 def _log_normalizer(
     q_BHGLD: torch.Tensor,
     k_BSHD: torch.Tensor,
@@ -288,6 +299,8 @@ def _log_normalizer(
 ) -> torch.Tensor:
     """fp64 ``[B, Hkv, G, L]``: log of each query's softmax denominator over the keys ``[B, S_local, Hkv, D]``
     at ``positions_S`` (−inf for a query that sees none of them), accumulated over key chunks."""
+    if _fused(q_BHGLD, k_BSHD):
+        return attention_mass.log_normalizer(q_BHGLD, k_BSHD, positions_S, seq)
     lse = torch.full(q_BHGLD.shape[:4], float("-inf"), dtype=torch.float64, device=q_BHGLD.device)
     for start, stop in chunks:
         logits = _chunk_logits(q_BHGLD, k_BSHD[:, start:stop], positions_S[start:stop], seq)
@@ -313,9 +326,15 @@ def _attention_mass(
     vertical = torch.zeros(bsz, hkv, seq, dtype=torch.float64, device=device)
     # Indexed by r = j + (L − 1 − l) = seq − 1 − o; r ≥ seq are masked pairs (o < 0), whose mass is zero.
     reversed_slash = torch.zeros(bsz, hkv, seq + last - 1, dtype=torch.float64, device=device)
+    fused = _fused(q_BHGLD, k_BSHD)
+    if fused:  # every local key at once, fp32 and averaged over the group: 1/(2G) of the chunked scores
+        probs_all = attention_mass.attention_probabilities(q_BHGLD, k_BSHD, positions_S, seq, lse_BHGL)
     for start, stop in chunks:
-        logits = _chunk_logits(q_BHGLD, k_BSHD[:, start:stop], positions_S[start:stop], seq)
-        probs_BHLN = logits.sub_(lse_BHGL[..., None]).exp_().mean(dim=2)
+        if fused:
+            probs_BHLN = probs_all[..., start:stop].double()
+        else:
+            logits = _chunk_logits(q_BHGLD, k_BSHD[:, start:stop], positions_S[start:stop], seq)
+            probs_BHLN = logits.sub_(lse_BHGL[..., None]).exp_().mean(dim=2)
         positions_N = positions_on_device[start:stop]
         vertical.index_copy_(2, positions_N, probs_BHLN.sum(dim=2))
         first, span = int(positions_S[start]), int(positions_S[stop - 1] - positions_S[start]) + 1
