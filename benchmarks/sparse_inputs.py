@@ -77,11 +77,9 @@ def flex_block_mask(pattern: BlockPattern, heads_q: int):
         order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
         return counts, order
 
-    active_token = active
-
     def mask_mod(bi, hi, qi, ki):
         h = hi // group
-        in_block = active_token[bi, h, qi // block, ki // block]
+        in_block = active[bi, h, qi // block, ki // block]
         if bars_BHS is not None:
             in_block = in_block | bars_BHS[bi, h, ki]
         return in_block & (ki <= qi)

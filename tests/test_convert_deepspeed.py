@@ -210,6 +210,14 @@ def _neutral(reader) -> dict[str, torch.Tensor]:
     return {k: v for group in reader.groups() for k, v in group.tensors.items()}
 
 
+def _copy_without(ckpt: Path, tmp_path: Path, name: str) -> Path:
+    """A copy of the trained checkpoint with ``step2/name`` deleted."""
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    (copy / "step2" / name).unlink()
+    return copy
+
+
 def _assert_bitwise_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
     from sparsetron.checkpoint.convert.neutral import tensor_hash
 
@@ -280,10 +288,7 @@ def test_missing_rank_file_names_it(trained, tmp_path):
     from sparsetron.checkpoint.convert.deepspeed_format import DeepSpeedReader
     from sparsetron.checkpoint.convert.neutral import ConversionError
 
-    ckpt, _ = trained
-    copy = tmp_path / "ckpt"
-    shutil.copytree(ckpt, copy)
-    (copy / "step2" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    copy = _copy_without(trained[0], tmp_path, "zero_pp_rank_1_mp_rank_00_optim_states.pt")
     reader = DeepSpeedReader(copy, _cfg())
     with pytest.raises(ConversionError, match=r"zero_pp_rank_1_mp_rank_00_optim_states\.pt: missing"):
         list(reader.groups())
@@ -433,10 +438,7 @@ def test_missing_expert_file_names_it(trained_ds_moe, tmp_path):
     from sparsetron.checkpoint.convert.deepspeed_format import DeepSpeedReader
     from sparsetron.checkpoint.convert.neutral import ConversionError
 
-    ckpt, _ = trained_ds_moe
-    copy = tmp_path / "ckpt"
-    shutil.copytree(ckpt, copy)
-    (copy / "step2" / "layer_1_expert_2_mp_rank_00_model_states.pt").unlink()
+    copy = _copy_without(trained_ds_moe[0], tmp_path, "layer_1_expert_2_mp_rank_00_model_states.pt")
     with pytest.raises(
         ConversionError,
         match=r"layer_1_expert_2_mp_rank_00_model_states\.pt: missing, or lacks key "

@@ -186,16 +186,42 @@ if triton is not None:
         return m_new, l_i, acc
 
     @triton.jit
-    def _bar_slice(bar_pos, active, k_block_ids, c, stop, row, n_k, BLOCK: tl.constexpr, BAR_N: tl.constexpr):
-        """Bars ``c … c + BAR_N`` of a row: their key positions, global positions and which ones to use."""
+    def _bar_keys(
+        bar_pos, active, k_block_ids, c, stop, row, n_k, k_base, v_base, s_ks, s_vs, q_pos,
+        BLOCK: tl.constexpr, BAR_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    ):  # fmt: skip
+        """Bars ``c … c + BAR_N`` of a row, gathered: their K and V ``[BAR_N, D]`` (zero where unused) and which
+        (query, bar) pairs count (not in a block the row already holds; causal)."""
         idx = c + tl.arange(0, BAR_N)
         valid = idx < stop
         pos = tl.load(bar_pos + idx, mask=valid, other=0)
         kb = pos // BLOCK
         held = tl.load(active + row.to(tl.int64) * n_k + kb, mask=valid, other=1)
         use = valid & (held == 0)
-        k_pos = tl.load(k_block_ids + kb, mask=valid, other=0) * BLOCK + pos % BLOCK
-        return pos, k_pos, use
+        rows = pos.to(tl.int64)[:, None]
+        offs_d = tl.arange(0, HEAD_DIM)[None, :]
+        k = tl.load(k_base + rows * s_ks + offs_d, mask=use[:, None], other=0.0)
+        v = tl.load(v_base + rows * s_vs + offs_d, mask=use[:, None], other=0.0)
+        visible = use[None, :]
+        if CAUSAL:
+            k_pos = tl.load(k_block_ids + kb, mask=valid, other=0) * BLOCK + pos % BLOCK
+            visible = visible & (k_pos[None, :] <= q_pos[:, None])
+        return k, v, visible
+
+    @triton.jit
+    def _key_slice(
+        k_base, v_base, kb, k_first, n0, q_pos, s_ks, s_vs,
+        BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    ):  # fmt: skip
+        """Keys ``n0 … n0 + BLOCK_N`` of held block ``kb`` (global first position ``k_first``): K and V
+        ``[BLOCK_N, D]`` and the causal visibility of each (query, key) pair."""
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        # 64-bit block base, 32-bit offsets inside the block: cheaper address math per element.
+        first = (kb * BLOCK).to(tl.int64)
+        k = tl.load(k_base + first * s_ks + offs_n[:, None] * s_ks + offs_d[None, :])
+        v = tl.load(v_base + first * s_vs + offs_n[:, None] * s_vs + offs_d[None, :])
+        return k, v, (k_first + offs_n)[None, :] <= q_pos[:, None]
 
     @triton.jit
     def _fwd_block(
@@ -203,16 +229,11 @@ if triton is not None:
         BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
         IEEE: tl.constexpr,
     ):  # fmt: skip
-        """Online softmax over held key block ``kb`` (global first position ``k_first``), in ``BLOCK_N`` slices."""
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, HEAD_DIM)
-        # 64-bit block base, 32-bit offsets inside the block: cheaper address math per element.
-        k_blk = k_base + (kb * BLOCK).to(tl.int64) * s_ks
-        v_blk = v_base + (kb * BLOCK).to(tl.int64) * s_vs
+        """Online softmax over held key block ``kb``, in ``BLOCK_N`` slices."""
         for n0 in tl.static_range(0, BLOCK, BLOCK_N):
-            k = tl.load(k_blk + (n0 + offs_n)[:, None] * s_ks + offs_d[None, :])
-            v = tl.load(v_blk + (n0 + offs_n)[:, None] * s_vs + offs_d[None, :])
-            visible = (k_first + n0 + offs_n)[None, :] <= q_pos[:, None]
+            k, v, visible = _key_slice(
+                k_base, v_base, kb, k_first, n0, q_pos, s_ks, s_vs, BLOCK, BLOCK_N, HEAD_DIM
+            )
             m_i, l_i, acc = _softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale, MASKED, IEEE)
         return m_i, l_i, acc
 
@@ -223,15 +244,10 @@ if triton is not None:
         IEEE: tl.constexpr,
     ):  # fmt: skip
         """``dq`` share of held key block ``kb``, in ``BLOCK_N`` slices."""
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, HEAD_DIM)
-        # 64-bit block base, 32-bit offsets inside the block: cheaper address math per element.
-        k_blk = k_base + (kb * BLOCK).to(tl.int64) * s_ks
-        v_blk = v_base + (kb * BLOCK).to(tl.int64) * s_vs
         for n0 in tl.static_range(0, BLOCK, BLOCK_N):
-            k = tl.load(k_blk + (n0 + offs_n)[:, None] * s_ks + offs_d[None, :])
-            v = tl.load(v_blk + (n0 + offs_n)[:, None] * s_vs + offs_d[None, :])
-            visible = (k_first + n0 + offs_n)[None, :] <= q_pos[:, None]
+            k, v, visible = _key_slice(
+                k_base, v_base, kb, k_first, n0, q_pos, s_ks, s_vs, BLOCK, BLOCK_N, HEAD_DIM
+            )
             dq = _dq_step(q, do, k, v, visible, lse2, delta, dq, qk_scale, MASKED, IEEE)
         return dq
 
@@ -283,13 +299,10 @@ if triton is not None:
         if HAS_BARS:
             stop = tl.load(bar_start + b * heads_kv + hk + 1)
             for c in range(tl.load(bar_start + b * heads_kv + hk), stop, BAR_N):
-                pos, k_pos, use = _bar_slice(bar_pos, active, k_block_ids, c, stop, row, n_k, BLOCK, BAR_N)
-                keys = pos.to(tl.int64)
-                k = tl.load(k_base + keys[:, None] * s_ks + offs_d[None, :], mask=use[:, None], other=0.0)
-                v = tl.load(v_base + keys[:, None] * s_vs + offs_d[None, :], mask=use[:, None], other=0.0)
-                visible = use[None, :]
-                if CAUSAL:
-                    visible = visible & (k_pos[None, :] <= q_pos[:, None])
+                k, v, visible = _bar_keys(
+                    bar_pos, active, k_block_ids, c, stop, row, n_k, k_base, v_base, s_ks, s_vs, q_pos,
+                    BLOCK, BAR_N, HEAD_DIM, CAUSAL,
+                )  # fmt: skip
                 m_i, l_i, acc = _softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale, True, IEEE)
         seen = l_i > 0
         l_safe = tl.where(seen, l_i, 1.0)
@@ -366,13 +379,10 @@ if triton is not None:
         if HAS_BARS:
             stop = tl.load(bar_start + b * heads_kv + hk + 1)
             for c in range(tl.load(bar_start + b * heads_kv + hk), stop, BAR_N):
-                pos, k_pos, use = _bar_slice(bar_pos, active, k_block_ids, c, stop, row, n_k, BLOCK, BAR_N)
-                keys = pos.to(tl.int64)
-                k = tl.load(k_base + keys[:, None] * s_ks + offs_d[None, :], mask=use[:, None], other=0.0)
-                v = tl.load(v_base + keys[:, None] * s_vs + offs_d[None, :], mask=use[:, None], other=0.0)
-                visible = use[None, :]
-                if CAUSAL:
-                    visible = visible & (k_pos[None, :] <= q_pos[:, None])
+                k, v, visible = _bar_keys(
+                    bar_pos, active, k_block_ids, c, stop, row, n_k, k_base, v_base, s_ks, s_vs, q_pos,
+                    BLOCK, BAR_N, HEAD_DIM, CAUSAL,
+                )  # fmt: skip
                 dq = _dq_step(q, do, k, v, visible, lse2, delta, dq, qk_scale, True, IEEE)
         dq_ptr = DQ + b.to(tl.int64) * s_gb + tok[:, None] * s_gs + hq * s_gh + offs_d[None, :]
         dq = dq * sm_scale

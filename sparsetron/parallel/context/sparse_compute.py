@@ -65,12 +65,21 @@ class StepAttention:
     def __init__(self, pattern: BlockPattern, my_q: torch.Tensor, scale: float, backend: str):
         self.pattern, self.my_q, self.scale, self.backend = pattern, my_q, scale, backend
         self._delta: torch.Tensor | None = None
+        # Work lists per step, built in the forward and reused by the backward (a ring keeps this object and
+        # the steps' ``want`` tensors for it): each build costs a host sync.
+        self._lists: dict[int, tuple[torch.Tensor, block_sparse.SparseLists]] = {}
+
+    def _lists_of(self, want: torch.Tensor) -> block_sparse.SparseLists:
+        cached = self._lists.get(id(want))
+        if cached is None or cached[0] is not want:
+            cached = self._lists[id(want)] = (want, block_sparse.sparse_lists(self.pattern, self.my_q, want))
+        return cached[1]
 
     def forward(self, q_BSHD, kv_2BSHD, want, out_BSHD, lse_BHS):
         """Merge into ``(out, lse)`` (None: nothing yet) the attention of the queries to the key blocks
         ``want`` whose K/V are ``kv_2BSHD`` ``[2, B, len(want)·block, Hkv, D]``; returns the merged pair (fp32)."""
         if self.backend == "triton":
-            lists = block_sparse.sparse_lists(self.pattern, self.my_q, want)
+            lists = self._lists_of(want)
             return block_sparse.block_sparse_forward(
                 q_BSHD, kv_2BSHD[0], kv_2BSHD[1], lists, self.scale, out_BSHD=out_BSHD, lse_BHS=lse_BHS
             )
@@ -82,7 +91,7 @@ class StepAttention:
         if self.backend == "triton":
             if self._delta is None:  # one per backward: the same global out and dout for every step
                 self._delta = block_sparse.attention_delta(dout_BSHD, out_BSHD)
-            lists = block_sparse.sparse_lists(self.pattern, self.my_q, want)
+            lists = self._lists_of(want)
             grads = torch.empty((2, *kv_2BSHD.shape[1:]), dtype=torch.float32, device=q_BSHD.device)
             block_sparse.block_sparse_backward(
                 dout_BSHD, q_BSHD, kv_2BSHD[0], kv_2BSHD[1], lse_BHS, self._delta, lists, self.scale, dq_BSHD,

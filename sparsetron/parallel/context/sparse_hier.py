@@ -189,21 +189,19 @@ class _HierarchicalSparseRing(torch.autograd.Function):
             lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), device=device)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.saved, ctx.pattern, ctx.plan, ctx.groups = saved, pattern, plan, groups
-        ctx.rank, ctx.scale, ctx.stats, ctx.backend = rank, scale, stats, backend
+        ctx.rank, ctx.stats, ctx.attend = rank, stats, attend
         ctx.mark_non_differentiable(lse)
         return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        pattern, plan, groups, rank, scale, stats = (
-            ctx.pattern, ctx.plan, ctx.groups, ctx.rank, ctx.scale, ctx.stats,
+        pattern, plan, groups, rank, stats, attend = (
+            ctx.pattern, ctx.plan, ctx.groups, ctx.rank, ctx.stats, ctx.attend,
         )  # fmt: skip
         world, size = plan.world, groups.node_size
         nodes, (node, local) = world // size, divmod(rank, size)
         block, device = pattern.block, q.device
-        my_q = torch.arange(rank, pattern.active_BHQK.shape[2], world, device=device)
-        attend = StepAttention(pattern, my_q, scale, ctx.backend)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         dq = torch.zeros(q.shape, dtype=acc, device=device)
         dkv = torch.zeros((2, *k.shape), dtype=acc, device=device)

@@ -104,8 +104,8 @@ class _SparseRing(torch.autograd.Function):
             out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
             lse = torch.full((batch, q.shape[2], q.shape[1]), float("-inf"), device=q.device)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.received, ctx.pattern, ctx.plan, ctx.group, ctx.scale, ctx.stats, ctx.backend = (
-            received, pattern, plan, group, scale, stats, backend,
+        ctx.received, ctx.pattern, ctx.plan, ctx.group, ctx.stats, ctx.attend = (
+            received, pattern, plan, group, stats, attend,
         )  # fmt: skip
         ctx.mark_non_differentiable(lse)
         return out.to(q.dtype), lse
@@ -113,12 +113,10 @@ class _SparseRing(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        pattern, plan, group, scale, stats = ctx.pattern, ctx.plan, ctx.group, ctx.scale, ctx.stats
+        pattern, plan, group, stats, attend = ctx.pattern, ctx.plan, ctx.group, ctx.stats, ctx.attend
         world, rank = plan.world, dist.get_rank(group)
         block, batch = pattern.block, q.shape[0]
         hkv = k.shape[2]
-        my_q = torch.arange(rank, pattern.active_BHQK.shape[2], world, device=q.device)
-        attend = StepAttention(pattern, my_q, scale, ctx.backend)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dkv = torch.zeros((2, *k.shape), dtype=acc, device=q.device)
