@@ -7,7 +7,10 @@ both ends. In ``h1`` a publisher process encodes version 1 of an N-parameter bf1
 holding version 0 pulls it over :class:`~sparsetron.sync.tcp.SyncClient`, verifies and applies it, then checks
 the changed positions' bits. Reported: payload size, its ratio to dense bf16 (2·N bytes), bits per changed
 element, the publisher's encode time and the subscriber's time split into transfer, decode, verify, apply
-(the rollout pause) and total. Needs root::
+(the rollout pause) and total. The subscriber pulls ``--pulls`` times, putting the changed positions back to
+version 0 between pulls: the first pull is a fresh process's (its decode buffers are mapped as it goes), the
+last a long-running rollout worker's (buffers kept from the version before); both totals are reported, the
+breakdown is the last pull's. Needs root::
 
     python benchmarks/weight_sync_wan.py --params 1e9 --rate 1gbit none --out /tmp/weight_sync_wan.json
 
@@ -158,6 +161,13 @@ class TimedClient:
             self.seconds += time.perf_counter() - started
 
 
+def reset_changed(tensors: dict[str, torch.Tensor], seed: int, density: float) -> None:
+    """Put every changed position back to version 0's bits (zero), O(changed)."""
+    for index, tensor in enumerate(tensors.values()):
+        indices, _ = tensor_changes(seed, index, tensor.numel(), density)
+        bits_view(tensor)[indices.to(tensor.device)] = 0
+
+
 def changed_bits_match(tensors: dict[str, torch.Tensor], seed: int, density: float) -> bool:
     """Whether every changed position holds the expected new bits (O(changed), regenerated from the seed)."""
     for index, tensor in enumerate(tensors.values()):
@@ -176,23 +186,32 @@ def run_subscriber(args: argparse.Namespace) -> None:
         tensor_name(i): torch.zeros(n, dtype=torch.bfloat16, device=device) for i, n in enumerate(sizes)
     }
     subscriber = DeltaSubscriber(tensors, threads=args.threads)
-    # Version 0 is all-zero bits, whose digest is 0: set the state a previous pull would have left.
-    subscriber.version, subscriber.publisher = 0, args.publisher
-    subscriber.digests = dict.fromkeys(tensors, 0)
     client = TimedClient(SyncClient(args.host, args.port, secret=os.environ[SECRET_ENV].encode()))
-    profiler = cProfile.Profile() if args.profile else None
-    started = time.perf_counter()
-    if profiler is not None:
-        profiler.enable()
-    report = subscriber.pull(client, retries=1)
-    if profiler is not None:
-        profiler.disable()
-        profiler.dump_stats(args.profile)
-    total = time.perf_counter() - started
+    totals, exact = [], True
+    for pull in range(args.pulls):
+        if pull:
+            reset_changed(tensors, args.seed, args.density)
+        # Version 0 is all-zero bits, whose digest is 0: set the state a previous pull would have left.
+        subscriber.version, subscriber.publisher = 0, args.publisher
+        subscriber.digests = dict.fromkeys(tensors, 0)
+        client.seconds = 0.0
+        last = pull == args.pulls - 1
+        profiler = cProfile.Profile() if args.profile and last else None
+        started = time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
+        report = subscriber.pull(client, retries=1)
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
+        totals.append(time.perf_counter() - started)
+        checked = time.perf_counter()
+        exact &= subscriber.version == 1 and changed_bits_match(tensors, args.seed, args.density)
     client.client.close()
-    checked = time.perf_counter()
-    exact = subscriber.version == 1 and changed_bits_match(tensors, args.seed, args.density)
+    total = totals[-1]
     line = {
+        "first_total_s": totals[0],
+        "pulls": args.pulls,
         "transfer_s": client.seconds,
         "decode_s": report.decode_s,
         "verify_s": report.verify_s,
@@ -204,6 +223,7 @@ def run_subscriber(args: argparse.Namespace) -> None:
         "payload_bytes": report.payload_bytes,
         "exact": exact,
         "check_s": time.perf_counter() - checked,
+        "scratch_gib": subscriber.scratch.nbytes / _GIB,
         "max_rss_gib": max_rss_gib(),
         "device": args.device,
     }
@@ -219,7 +239,7 @@ def side_command(args: argparse.Namespace, role: str, host: str, *extra: str) ->
         sys.executable, str(Path(__file__).resolve()), "--role", role, "--host", host,
         "--params", str(args.params[0]), "--density", str(args.density), "--seed", str(args.seed),
         "--tensor-elements", str(args.tensor_elements), "--device", args.device,
-        *(["--threads", str(args.threads)] if args.threads else []), *extra,
+        "--pulls", str(args.pulls), *(["--threads", str(args.threads)] if args.threads else []), *extra,
     ]  # fmt: skip
 
 
@@ -269,6 +289,9 @@ def summarise(params: int, rate: str | None, mbit: float, pub: dict, sub: dict) 
         "encode_s": pub["encode_s"],
         "device": f"{sub['device']}, {sub['threads']} threads",
         **{k: sub[k] for k in ("transfer_s", "decode_s", "verify_s", "ready_s", "apply_s", "total_s")},
+        "first_total_s": sub["first_total_s"],
+        "pulls": sub["pulls"],
+        "subscriber_scratch_gib": sub["scratch_gib"],
         # Outside transfer, tail and apply: connecting, bookkeeping.
         "other_s": sub["total_s"] - parts,
         "exact": sub["exact"],
@@ -280,16 +303,16 @@ def summarise(params: int, rate: str | None, mbit: float, pub: dict, sub: dict) 
 def markdown_table(rows: list[dict]) -> str:
     head = (
         "| params | link | subscriber | payload MB | ratio vs bf16 | bits/changed | encode s | transfer s "
-        "| decode s (Σ threads) | verify s (Σ) | after last byte s | apply s | total s |"
+        "| decode s (Σ threads) | verify s (Σ) | after last byte s | apply s | total s | first pull s |"
     )
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         params = f"{r['params']:.0e}".replace("e+0", "e")
         lines.append(
             f"| {params} | {r['link']} | {r['device']} | {r['payload_bytes'] / 1e6:.1f} "
             f"| {r['ratio_vs_bf16']:.0f}× | {r['bits_per_changed']:.2f} | {r['encode_s']:.2f} "
             f"| {r['transfer_s']:.2f} | {r['decode_s']:.2f} | {r['verify_s']:.2f} | {r['ready_s']:.2f} "
-            f"| {r['apply_s']:.2f} | {r['total_s']:.2f} |"
+            f"| {r['apply_s']:.2f} | {r['total_s']:.2f} | {r['first_total_s']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -307,7 +330,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--device", default="cpu", help="Where the subscriber holds its state (a rollout worker: 'cuda')."
     )
     parser.add_argument("--threads", type=int, help="Subscriber decode threads (default: its own choice).")
-    parser.add_argument("--profile", help="Subscriber: write a cProfile of the pull to this path.")
+    parser.add_argument(
+        "--pulls", type=int, default=2, help="Pulls of the same version (the last one is the breakdown)."
+    )
+    parser.add_argument("--profile", help="Subscriber: write a cProfile of the last pull to this path.")
     parser.add_argument("--out", help="Write the rows as JSON here.")
     # Internal: how the orchestrator starts each side inside its namespace.
     parser.add_argument("--role", choices=("publisher", "subscriber"), help=argparse.SUPPRESS)

@@ -292,20 +292,33 @@ def _varints(values: list[int]) -> bytes:
     return bytes(out)
 
 
+_LONG_BITMAP = [0] * 29 + [0x80]  # one set bit, 239 positions past the first
+
+
 @pytest.mark.parametrize(
-    ("steps", "match"),
+    ("coding", "stream", "match"),
     [
-        ([5, (3 - 5 - 1) % (1 << 64)], "not strictly increasing"),  # indices 5, 3 (a wrapped gap)
-        ([5, 200], "not strictly increasing within \\[0, 100\\)"),  # second index 206 ≥ numel
-        ([5], "holds 1 complete values, expected 2"),
+        ("gaps", _varints([5, (3 - 5 - 1) % (1 << 64)]), "beyond 2\\*\\*62"),  # indices 5, 3 (a wrapped gap)
+        ("gaps", _varints([5, 200]), "not strictly increasing within \\[0, 100\\)"),  # 206 ≥ numel
+        ("gaps", _varints([5]), "found 1 of 2 positions"),
+        ("gaps", _varints([5, 1, 1]), "found 3 of 2 positions"),
+        ("gaps", bytes([5, 0x81]), "found 1 of 2 positions"),  # the last varint never ends
+        # Elias–Fano of offsets 0, 2 from 3 with one low bit: lows 0b00, high parts 0, 1 → unary bits 0, 2.
+        ("elias_fano", bytes([3, 1, 0b00, 0b101, 0]), "trailing bytes"),
+        ("elias_fano", bytes([3, 1, 0b00, 0b001]), "found 1 of 2 positions"),
+        ("elias_fano", bytes([3, 1, 0b01, 0b011]), "not strictly increasing"),  # offsets 1, 0
+        ("elias_fano", bytes([3, 40, 0, 0b101]), "beyond 2\\*\\*62"),  # low width > 32
+        ("bitmap", bytes([3, 0b101, 0]), "trailing bytes"),
+        ("bitmap", bytes([3, 0b001]), "found 1 of 2 positions"),
+        ("bitmap", bytes([3, 1, *_LONG_BITMAP]), "not strictly increasing within \\[0, 100\\)"),
+        ("bitmap", bytes([0xFF, 0xFF, 0xFF, 0xFF, 0xFF]), "unterminated or over-long varint"),
     ],
 )
-def test_bad_index_streams_with_valid_crcs_are_rejected(monkeypatch, steps, match):
+def test_bad_index_streams_with_valid_crcs_are_rejected(monkeypatch, coding, stream, match):
     # The encoder writes whatever the index coder returns and CRCs it, so this crafts a well-formed payload
     # that carries bad indices.
-    gaps = INDEX_CODINGS.index("gaps")
-    stream = torch.tensor(list(_varints(steps)), dtype=torch.uint8)
-    monkeypatch.setattr(codec, "_encode_indices", lambda *args: (gaps, stream))
+    coded = torch.tensor(list(stream), dtype=torch.uint8)
+    monkeypatch.setattr(codec, "_encode_indices", lambda *args: (INDEX_CODINGS.index(coding), coded))
     update = TensorUpdate("w", torch.float32, (100,), torch.tensor([3, 5]), torch.zeros(2, dtype=torch.int32))
     payload = encode([update], version=1, base_version=None, level=1)
     with pytest.raises(DeltaFormatError, match=f"tensor 'w' bucket 0: .*{match}"):

@@ -255,13 +255,17 @@ def test_pull_decodes_tensors_while_later_bytes_are_still_arriving(monkeypatch, 
     publisher.publish()
     client = _ChunkedClient(publisher, 1, largest)
     fed_at_decode = []
-    original = PayloadReader.decode
 
-    def watched(reader, record, *args, **kwargs):
-        fed_at_decode.append(client.fed)
-        return original(reader, record, *args, **kwargs)
+    def watching(original):
+        def watched(reader, record, *args, **kwargs):
+            fed_at_decode.append(client.fed)
+            return original(reader, record, *args, **kwargs)
 
-    monkeypatch.setattr(PayloadReader, "decode", watched)
+        return watched
+
+    # A single delta's sparse tensors are decoded pending (no live bits read); dense ones with decode.
+    monkeypatch.setattr(PayloadReader, "decode", watching(PayloadReader.decode))
+    monkeypatch.setattr(PayloadReader, "decode_pending", watching(PayloadReader.decode_pending))
     report = subscriber.pull(client)
     assert report.to_version == 1 and _same_bits(subscriber.tensors, state)
     # Every changed tensor decoded once, the first ones before the stream ended.

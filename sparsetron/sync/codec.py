@@ -52,7 +52,8 @@ import torch
 import zstandard
 
 from sparsetron.binary import encode_name
-from sparsetron.parallel.data.bitpack import pack_bits, packed_len, unpack_bits
+from sparsetron.parallel.data.bitpack import pack_bits, packed_len
+from sparsetron.sync import host_kernels
 
 MAGIC = b"STSD"
 FORMAT_VERSION = 1
@@ -83,7 +84,6 @@ _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
-_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 _BITS_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _SIGNED_DTYPES = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -124,6 +124,25 @@ class DeltaHeader:
     base_version: int | None
     anchor: bool
     count: int
+
+
+@dataclass
+class PendingUpdate:
+    """A sparse tensor's decoded change whose diff-coded values still wait for the receiver's current bits.
+
+    ``indices`` int64 [M] strictly increasing; ``values`` [M] same-width integers: the new bit patterns,
+    except inside the ``relative`` element ranges (``(start, end)``, the diff-coded buckets), where they are
+    the wrapped differences new − current. Applying it reads each changed element's current bits once, at the
+    moment it is written (:mod:`sparsetron.sync.swap`). ``digest`` is the tensor's digest after the change.
+    """
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    indices: torch.Tensor
+    values: torch.Tensor
+    relative: list[tuple[int, int]]
+    digest: int
 
 
 @dataclass
@@ -262,33 +281,16 @@ def _varint_stream(v: torch.Tensor, lengths: torch.Tensor, total: int, longest: 
     return out[:total]
 
 
-def _varint_decode(buf: np.ndarray, count: int, where: str) -> np.ndarray:
-    """uint64 [count] from ``buf`` (uint8), which must hold exactly ``count`` canonical-width varints."""
-    ends = np.flatnonzero(buf < 0x80)
-    if ends.size != count or (count and ends[-1] != buf.size - 1):
-        raise DeltaFormatError(
-            f"{where}: varint stream of {buf.size} bytes holds {ends.size} complete values, expected {count}; "
-            "payload is corrupt"
-        )
-    if count == 0:
-        return np.zeros(0, dtype=np.uint64)
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    lengths = ends - starts + 1
-    # A 10th byte may only hold bit 63; anything longer or larger overflows 64 bits.
-    if lengths.max() > 10 or (buf[ends[lengths == 10]] > 1).any():
-        raise DeltaFormatError(f"{where}: varint overflows 64 bits; payload is corrupt")
-    positions = np.arange(buf.size) - np.repeat(starts, lengths)
-    parts = (buf & 0x7F).astype(np.uint64) << (positions.astype(np.uint64) * np.uint64(7))
-    return np.bitwise_or.reduceat(parts, starts)
-
-
 def _read_varint(buf: np.ndarray, where: str) -> tuple[int, int]:
-    """(value, bytes used) of the varint at the start of ``buf``."""
-    ends = np.flatnonzero(buf[:10] < 0x80)
-    if ends.size == 0:
-        raise DeltaFormatError(f"{where}: unterminated varint; payload is corrupt")
-    used = int(ends[0]) + 1
-    return int(_varint_decode(buf[:used], 1, where)[0]), used
+    """(value, bytes used) of the canonical-width varint at the start of ``buf`` (uint8)."""
+    value = 0
+    for used, byte in enumerate(buf[:10].tolist(), start=1):
+        value |= (byte & 0x7F) << (7 * (used - 1))
+        if byte < 0x80:
+            if value >> 64:
+                break
+            return value, used
+    raise DeltaFormatError(f"{where}: unterminated or over-long varint; payload is corrupt")
 
 
 # ----------------------------------------------------------------------------------------- index coding
@@ -368,50 +370,31 @@ def _ef_encode(offsets: torch.Tensor, low: int, span: int) -> torch.Tensor:
     return torch.cat([low_part, _pack_bit_array(unary)])
 
 
-def _decode_indices(coding: int, stream: np.ndarray, count: int, prev_last: int, where: str) -> np.ndarray:
-    """int64 [count] indices of one bucket from its uint8 index stream (not yet range-checked)."""
+def _decode_indices(
+    coding: int, stream: np.ndarray, count: int, prev_last: int, numel: int, out: np.ndarray, where: str
+) -> None:
+    """One bucket's ``count`` positions into ``out`` (int64, ``count`` + 1 slots, the last one scratch).
+
+    Checked to increase strictly from beyond ``prev_last`` (the previous bucket's last) and stay below
+    ``numel``; raises DeltaFormatError naming what is wrong.
+    """
     if coding == _IDX_GAPS:
-        steps = _varint_decode(stream, count, where)
-        steps[0] += np.uint64(prev_last + 1)
-        steps[1:] += np.uint64(1)
-        # Wrapping int64 arithmetic on purpose: a corrupt huge gap shows up as a decrease, which the caller's
-        # strictly-increasing check rejects.
-        return np.cumsum(steps.view(np.int64))
-    start_gap, used = _read_varint(stream, where)
-    first = prev_last + 1 + start_gap
-    if first >= 1 << 62:
-        raise DeltaFormatError(f"{where}: first index {first} is out of range; payload is corrupt")
-    rest = stream[used:]
-    offsets = _ef_decode(rest, count, where) if coding == _IDX_EF else _set_bits(rest, count, where)
-    return first + offsets
-
-
-def _set_bits(packed: np.ndarray, count: int, where: str) -> np.ndarray:
-    """int64 positions of the ``count`` set bits in LSB-first ``packed``; no trailing zero bytes allowed."""
-    # torch's nonzero is multi-threaded and ~2x numpy's flatnonzero here; the copy is 1 bit per position.
-    bits = (torch.from_numpy(packed.copy()).unsqueeze(1) >> _BIT_SHIFTS) & 1
-    positions = bits.view(-1).view(torch.bool).nonzero().view(-1).numpy()
-    if positions.size != count or packed.size != (int(positions[-1]) + 8) // 8:
+        status, found = host_kernels.decode_gaps(stream, count, prev_last, numel, out)
+    else:
+        start_gap, used = _read_varint(stream, where)
+        first = prev_last + 1 + start_gap
+        if first >= numel:
+            status, found = host_kernels.NOT_INCREASING, 0
+        elif coding == _IDX_EF:
+            status, found = host_kernels.decode_elias_fano(stream, used, count, first, numel, out)
+        else:
+            status, found = host_kernels.decode_bitmap(stream, used, count, first, numel, out)
+    if status != host_kernels.OK:
+        problem = host_kernels.PROBLEMS[status].replace("within the tensor", f"within [0, {numel})")
         raise DeltaFormatError(
-            f"{where}: bit stream of {packed.size} bytes has {positions.size} set bits, expected {count} "
-            "ending in its last byte; payload is corrupt"
+            f"{where}: {INDEX_CODINGS[coding]} index stream {problem} (found {found} of {count} positions); "
+            "payload is corrupt"
         )
-    return positions.astype(np.int64)
-
-
-def _ef_decode(stream: np.ndarray, count: int, where: str) -> np.ndarray:
-    """int64 [count] offsets from an Elias–Fano stream (low-bit width u8, low parts, unary high parts)."""
-    if stream.size == 0 or stream[0] > _MAX_LOW_BITS:
-        raise DeltaFormatError(f"{where}: Elias–Fano header missing or low width > {_MAX_LOW_BITS}; corrupt")
-    low = int(stream[0])
-    low_len = packed_len(count, low)
-    if stream.size < 1 + low_len:
-        raise DeltaFormatError(f"{where}: Elias–Fano stream of {stream.size} bytes is short; corrupt")
-    lows = unpack_bits(torch.from_numpy(stream[1 : 1 + low_len].copy()), count, low).numpy()
-    highs = _set_bits(stream[1 + low_len :], count, where) - np.arange(count)
-    if int(highs[-1]) >= 1 << (62 - low):
-        raise DeltaFormatError(f"{where}: Elias–Fano offsets overflow; payload is corrupt")
-    return (highs << low) | lows
 
 
 # ----------------------------------------------------------------------------------------- value coding
@@ -442,13 +425,6 @@ def _zigzag(new: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     signed = _SIGNED_DTYPES[new.element_size()]
     diff = new.view(signed) - base.view(signed)  # torch integer arithmetic wraps on overflow
     return (diff << 1) ^ (diff >> (8 * new.element_size() - 1))
-
-
-def _unzigzag(coded: np.ndarray, base: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`_zigzag`: new unsigned bit patterns from zig-zag differences and ``base``."""
-    one = coded.dtype.type(1)
-    diff = (coded >> one) ^ np.negative(coded & one)
-    return base + diff  # unsigned wrap-around undoes the wrapped subtraction
 
 
 def _compress(raw: memoryview, level: int) -> tuple[int, bytes | memoryview]:
@@ -845,22 +821,41 @@ def _check_bucket(record: _Record, position: int, bucket: _Bucket, ordinal: int,
             raise DeltaFormatError(f"tensor {record.name!r} bucket {position} {what}; payload is corrupt")
 
 
-def _unpack_stream(stored: memoryview, compressor: int, raw_len: int, where: str) -> np.ndarray:
-    """uint8 [raw_len] from a stored stream."""
+#: Where decoding takes its arrays: ``(count, dtype)`` → an uninitialised 1-D numpy array (``np.empty``, or
+#: a subscriber's :class:`~sparsetron.sync.scratch.Scratch` whose pages stay mapped between versions).
+Alloc = Callable[[int, "np.dtype | type"], np.ndarray]
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """A read-only view: every stream reaches the compiled decoders as one type (one compiled variant)."""
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
+def _unpack_stream(stored: memoryview, compressor: int, raw_len: int, where: str, alloc: Alloc) -> np.ndarray:
+    """uint8 [raw_len] from a stored stream (decompressed into an array from ``alloc``)."""
     if compressor == _STORED:
-        return np.frombuffer(stored, dtype=np.uint8)
+        return _read_only(np.frombuffer(stored, dtype=np.uint8))
     if zstandard.frame_content_size(stored) != raw_len:
         raise DeltaFormatError(f"{where}: zstd frame size disagrees with the header; payload is corrupt")
+    out = alloc(raw_len, np.uint8)
+    filled = 0
     try:
-        raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=raw_len)
+        with zstandard.ZstdDecompressor().stream_reader(stored) as reader:
+            while filled < raw_len:
+                got = reader.readinto(memoryview(out)[filled:])
+                if not got:
+                    break
+                filled += got
     except zstandard.ZstdError as exc:
         raise DeltaFormatError(f"{where}: zstd stream is corrupt ({exc}); resend the payload") from exc
-    if len(raw) != raw_len:
-        raise DeltaFormatError(f"{where}: decompressed {len(raw)} bytes, header says {raw_len}; corrupt")
-    return np.frombuffer(raw, dtype=np.uint8)
+    if filled != raw_len:
+        raise DeltaFormatError(f"{where}: decompressed {filled} bytes, header says {raw_len}; corrupt")
+    return _read_only(out)
 
 
-def _bucket_streams(data: memoryview, record: _Record) -> list[tuple[np.ndarray, np.ndarray]]:
+def _bucket_streams(data: memoryview, record: _Record, alloc: Alloc) -> list[tuple[np.ndarray, np.ndarray]]:
     """Every bucket's (index stream, value stream) after CRC checks and decompression."""
     streams, offset = [], record.body_offset
     for position, bucket in enumerate(record.buckets):
@@ -872,28 +867,25 @@ def _bucket_streams(data: memoryview, record: _Record) -> list[tuple[np.ndarray,
             raise DeltaFormatError(
                 f"{where}: CRC32 mismatch; the payload was corrupted in transit, resend it"
             )
-        index = _unpack_stream(index_stored, bucket.index_compressor, bucket.index_raw, where)
-        value = _unpack_stream(value_stored, bucket.value_compressor, bucket.value_raw, where)
+        index = _unpack_stream(index_stored, bucket.index_compressor, bucket.index_raw, where, alloc)
+        value = _unpack_stream(value_stored, bucket.value_compressor, bucket.value_raw, where, alloc)
         streams.append((index, value))
     return streams
 
 
-def _record_indices(record: _Record, streams: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """int64 [M] indices of a sparse tensor, each bucket checked strictly increasing within [0, numel)."""
-    parts, prev_last = [], -1
+def _record_indices(
+    record: _Record, streams: list[tuple[np.ndarray, np.ndarray]], alloc: Alloc
+) -> np.ndarray:
+    """int64 [M] indices of a sparse tensor, checked strictly increasing within [0, numel)."""
+    # Each bucket decodes into its slice; its scratch slot is the next bucket's first, written after.
+    out = alloc(record.count + 1, np.int64)
+    prev_last = -1
     for position, (bucket, (stream, _)) in enumerate(zip(record.buckets, streams, strict=True)):
+        part = out[bucket.first : bucket.first + bucket.count + 1]
         where = f"tensor {record.name!r} bucket {position}"
-        indices = _decode_indices(bucket.index_coding, stream, bucket.count, prev_last, where)
-        if indices[0] <= prev_last or indices[-1] >= record.numel or not (indices[1:] > indices[:-1]).all():
-            raise DeltaFormatError(
-                f"{where}: decoded indices are not strictly increasing within [0, {record.numel}); payload is "
-                "corrupt or was built from unsorted indices"
-            )
-        parts.append(indices)
-        prev_last = int(indices[-1])
-    if len(parts) == 1:
-        return parts[0]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        _decode_indices(bucket.index_coding, stream, bucket.count, prev_last, record.numel, part, where)
+        prev_last = int(part[bucket.count - 1])
+    return out[: record.count]
 
 
 #: Where diff-coded values find the receiver's current bits: ``(name, dtype, numel, indices)`` → numpy
@@ -919,42 +911,71 @@ def current_bits(current: Mapping[str, torch.Tensor] | None) -> BaseBits:
             )
         bits = bits_view(tensor.detach())
         # Gather on the tensor's device so only the M needed elements cross to the host.
-        selected = bits if indices is None else bits[torch.from_numpy(indices).to(bits.device)]
+        selected = (
+            bits if indices is None else bits.index_select(0, torch.from_numpy(indices).to(bits.device))
+        )
         host = selected.cpu().numpy()
         return host.view(_NP_UNSIGNED[host.itemsize])
 
     return gather
 
 
+def _record_values(
+    record: _Record, streams: list[tuple[np.ndarray, np.ndarray]], base: np.ndarray | None, alloc: Alloc
+) -> np.ndarray:
+    """Unsigned [M] values of every bucket: raw buckets' bit patterns; diff buckets' new bit patterns given
+    ``base`` (the current bits at the positions), or their wrapped differences when ``base`` is None."""
+    width = DTYPES[record.dtype_id].itemsize
+    unsigned = alloc(record.count, _NP_UNSIGNED[width])
+    no_base = unsigned[:0]
+    for bucket, (_, stream) in zip(record.buckets, streams, strict=True):
+        part = slice(bucket.first, bucket.first + bucket.count)
+        if bucket.value_coding == _VAL_DIFF:
+            host_kernels.undo_diff(stream, no_base if base is None else base[part], unsigned[part])
+        else:
+            unsigned[part] = _unshuffle(stream, bucket.count, width)
+    return unsigned
+
+
+def _signed(unsigned: np.ndarray) -> torch.Tensor:
+    """``unsigned`` bit patterns as the torch integer dtype of their width (bits_view's dtypes)."""
+    width = unsigned.itemsize
+    return torch.from_numpy(unsigned.view(_NP_SIGNED[width]) if width > 1 else unsigned)
+
+
 def _decode_record(data: memoryview, record: _Record, base_bits: BaseBits, return_base: bool) -> TensorUpdate:
     """Rebuild one tensor's update from its checked record and bodies (``base``: see :func:`decode`)."""
-    streams = _bucket_streams(data, record)
-    indices = None if record.dense else _record_indices(record, streams)
+    streams = _bucket_streams(data, record, np.empty)
+    indices = None if record.dense else _record_indices(record, streams, np.empty)
     dtype = DTYPES[record.dtype_id]
-    width = dtype.itemsize
     diff_coded = any(b.value_coding == _VAL_DIFF for b in record.buckets)
     base = base_bits(record.name, dtype, record.numel, indices) if diff_coded else None
-    parts = []
-    for bucket, (_, stream) in zip(record.buckets, streams, strict=True):
-        coded = _unshuffle(stream, bucket.count, width)
-        if bucket.value_coding == _VAL_DIFF:
-            coded = _unzigzag(coded, base[bucket.first : bucket.first + bucket.count])
-        parts.append(coded)
-    if len(parts) == 1:
-        unsigned = parts[0]
-    else:
-        unsigned = np.concatenate(parts) if parts else np.zeros(0, dtype=_NP_UNSIGNED[width])
-    values = torch.from_numpy(unsigned.view(_NP_SIGNED[width]) if width > 1 else unsigned)
-    kept_base = None
-    if return_base and base is not None:
-        kept_base = torch.from_numpy(base.view(_NP_SIGNED[width]) if width > 1 else base)
+    values = _signed(_record_values(record, streams, base, np.empty))
     return TensorUpdate(
         name=record.name,
         dtype=dtype,
         shape=record.shape,
         indices=None if indices is None else torch.from_numpy(indices),
         values=values,
-        base=kept_base,
+        base=_signed(base) if return_base and base is not None else None,
+        digest=record.digest,
+    )
+
+
+def _decode_pending(data: memoryview, record: _Record, alloc: Alloc) -> PendingUpdate:
+    """One sparse tensor's change without reading the receiver's bits (see :class:`PendingUpdate`)."""
+    if record.dense:
+        raise ValueError(f"tensor {record.name!r} is dense; decode it with decode() and the current bits")
+    streams = _bucket_streams(data, record, alloc)
+    indices = _record_indices(record, streams, alloc)
+    relative = [(b.first, b.first + b.count) for b in record.buckets if b.value_coding == _VAL_DIFF]
+    return PendingUpdate(
+        name=record.name,
+        dtype=DTYPES[record.dtype_id],
+        shape=record.shape,
+        indices=torch.from_numpy(indices),
+        values=_signed(_record_values(record, streams, None, alloc)),
+        relative=relative,
         digest=record.digest,
     )
 
@@ -996,6 +1017,12 @@ class PayloadReader:
     def decode(self, record: _Record, base_bits: BaseBits, *, return_base: bool = False) -> TensorUpdate:
         """One tensor's update (see :func:`decode`); ``base_bits`` supplies diff-coded tensors' current bits."""
         return _decode_record(self.data, record, base_bits, return_base)
+
+    def decode_pending(self, record: _Record, alloc: Alloc = np.empty) -> PendingUpdate:
+        """A sparse tensor's change with diff-coded values left as differences (see :class:`PendingUpdate`):
+        all of :func:`decode`'s checks but the digest, without touching the receiver's tensors. Its arrays
+        come from ``alloc`` (see :data:`Alloc`)."""
+        return _decode_pending(self.data, record, alloc)
 
 
 def decode(
