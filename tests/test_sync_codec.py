@@ -276,7 +276,7 @@ def test_foreign_newer_and_padded_payloads_are_rejected(payload):
     with pytest.raises(DeltaFormatError, match="format version 2 is newer .* upgrade sparsetron"):
         decode(bytes(newer))
     with pytest.raises(DeltaFormatError, match="trailing bytes"):
-        decode(payload + b"\0")
+        decode(bytes(payload) + b"\0")
     with pytest.raises(DeltaFormatError, match="must be bytes"):
         decode("STSD")
 

@@ -624,14 +624,15 @@ def encode(
     level: int = 3,
     bucket_elements: int = 1 << 22,
     threads: int = 0,
-) -> bytes:
+) -> memoryview:
     """Serialise ``updates`` (CPU or CUDA tensors) into one payload producing ``version`` from ``base_version``.
 
     The per-element coding runs in torch on each update's device; only the coded streams are copied to the
     host. ``base`` (the receiver's current bit patterns) is only allowed when ``base_version`` is given and
     ``anchor`` is False, since diff-coded values cannot be decoded without them. ``level`` is the zstd level;
     ``threads`` > 0 compresses buckets in a pool of that many threads (zstd releases the GIL), overlapping
-    the coding of the next tensor. Raises ValueError on invalid input.
+    the coding of the next tensor. Returns the payload as a read-only byte buffer (``bytes(payload)``
+    copies it). Raises ValueError on invalid input.
     """
     _check_encode_args(len(updates), version, base_version, level, bucket_elements, threads)
     checked = [_check_update(u, anchor or base_version is None) for u in updates]
@@ -641,21 +642,42 @@ def encode(
             compress = partial(_compress_bucket, level=level, width=update.values.element_size())
             coded = _code_tensor(update, bucket_elements)
             per_tensor.append([compress(c) if pool is None else pool.submit(compress, c) for c in coded])
-    if pool is not None:
-        per_tensor = [[future.result() for future in parts] for parts in per_tensor]
-    records = [
-        _record_bytes(u, [b for b, _, _ in parts]) for u, parts in zip(checked, per_tensor, strict=True)
-    ]
-    bodies = [part for parts in per_tensor for _, index, value in parts for part in (index, value)]
-    header_len = _PREAMBLE.size + sum(len(r) for r in records) + _U32.size
-    total_len = header_len + sum(len(b) for b in bodies)
-    flags = _FLAG_ANCHOR if anchor else 0
-    wire_base = _NO_BASE_VERSION if base_version is None else base_version
-    preamble = _PREAMBLE.pack(
-        MAGIC, FORMAT_VERSION, flags, version, wire_base, len(updates), total_len, header_len
-    )
-    header = preamble + b"".join(records)
-    return b"".join([header, _U32.pack(zlib.crc32(header)), *bodies])
+        if pool is not None:
+            per_tensor = [[future.result() for future in parts] for parts in per_tensor]
+        records = [
+            _record_bytes(u, [b for b, _, _ in parts]) for u, parts in zip(checked, per_tensor, strict=True)
+        ]
+        bodies = [part for parts in per_tensor for _, index, value in parts for part in (index, value)]
+        header_len = _PREAMBLE.size + sum(len(r) for r in records) + _U32.size
+        total_len = header_len + sum(len(b) for b in bodies)
+        flags = _FLAG_ANCHOR if anchor else 0
+        wire_base = _NO_BASE_VERSION if base_version is None else base_version
+        preamble = _PREAMBLE.pack(
+            MAGIC, FORMAT_VERSION, flags, version, wire_base, len(updates), total_len, header_len
+        )
+        header = preamble + b"".join(records)
+        return _assemble([header, _U32.pack(zlib.crc32(header)), *bodies], total_len, pool)
+
+
+def _assemble(pieces: list, total: int, pool: ThreadPoolExecutor | None) -> memoryview:
+    """``pieces`` (bytes-like) concatenated into one new read-only buffer of ``total`` bytes.
+
+    The copy writes fresh memory, and on the VMs measured here first touches cost ~0.5 ns per byte (57 ms of
+    a 101 MiB payload, a third of encoding it), so with a pool the pieces are copied by its threads at once.
+    """
+    out = np.empty(total, dtype=np.uint8)
+    ends = list(itertools.accumulate(len(p) for p in pieces))
+
+    def copy(index: int) -> None:
+        end = ends[index]
+        out[end - len(pieces[index]) : end] = np.frombuffer(pieces[index], dtype=np.uint8)
+
+    if pool is None:
+        for index in range(len(pieces)):
+            copy(index)
+    else:
+        list(pool.map(copy, range(len(pieces))))
+    return memoryview(out).toreadonly()
 
 
 # ------------------------------------------------------------------------------------------------ decode

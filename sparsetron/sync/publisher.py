@@ -140,11 +140,11 @@ class DeltaPublisher:
             encode_s=encoded - detected,
         )
 
-    def payloads_for(self, have: int | None) -> list[bytes]:
+    def payloads_for(self, have: int | None) -> list[memoryview]:
         """The payloads that take a subscriber at ``have`` (None: a new one) to the latest version."""
         return self.store.plan(have)
 
-    def handler(self, request: dict) -> Iterator[bytes]:
+    def handler(self, request: dict) -> Iterator[bytes | memoryview]:
         """Answer a pull request ``{"op": "pull", "have": v | None, "publisher": id | None}`` as a stream.
 
         A subscriber that names another publisher id (a restarted trainer) gets the anchor path.

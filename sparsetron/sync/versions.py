@@ -32,7 +32,7 @@ class RetainedVersion:
 
     version: int
     changes: dict[str, TensorUpdate]
-    payload: bytes
+    payload: memoryview
 
 
 def merge_changes(chain: list[dict[str, TensorUpdate]]) -> list[TensorUpdate]:
@@ -87,8 +87,8 @@ class VersionStore:
         self.snapshot, self.keep, self.level, self.threads = snapshot, keep, level, threads
         self._lock = threading.Lock()
         self._versions: OrderedDict[int, RetainedVersion] = OrderedDict()
-        self._anchor: tuple[int, bytes] | None = None
-        self._merged: dict[tuple[int, int], bytes] = {}
+        self._anchor: tuple[int, memoryview] | None = None
+        self._merged: dict[tuple[int, int], memoryview] = {}
         self.latest = first_version
 
     def add(self, retained: RetainedVersion) -> None:
@@ -102,7 +102,7 @@ class VersionStore:
                 self._versions.popitem(last=False)
             self._merged.clear()  # every merge ended at the previous latest
 
-    def plan(self, have: int | None) -> list[bytes]:
+    def plan(self, have: int | None) -> list[memoryview]:
         """Payloads that take a subscriber at ``have`` (None: nothing yet) to the latest version, in order."""
         with self._lock:
             latest = self.latest
@@ -130,7 +130,7 @@ class VersionStore:
     def _retained_from(self, have: int) -> bool:
         return all(v in self._versions for v in range(have + 1, self.latest + 1))
 
-    def _delta(self, have: int, latest: int) -> bytes:
+    def _delta(self, have: int, latest: int) -> memoryview:
         if have == latest - 1:
             return self._versions[latest].payload
         key = (have, latest)
