@@ -52,6 +52,7 @@ import torch
 import zstandard
 
 from sparsetron.binary import encode_name
+from sparsetron.kernels import delta_coding
 from sparsetron.parallel.data.bitpack import pack_bits, packed_len
 from sparsetron.sync import host_kernels
 
@@ -162,8 +163,8 @@ class _Checked:
 class _Coded:
     """One bucket's uncompressed streams on the host: index (None when dense), raw values, diff values.
 
-    With diff values, the raw stream stays on the update's device (``raw_on_device``) and is copied over only
-    if the diff stream does not clearly win, which for few-ulp changes is never.
+    With diff values, the bucket's raw values stay on the update's device (``raw_on_device``) and are
+    shuffled and copied over only if the diff stream does not clearly win, which for few-ulp changes is never.
     """
 
     first: int
@@ -173,11 +174,17 @@ class _Coded:
     raw: memoryview | None
     diff: memoryview | None
     raw_on_device: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None  # set when the streams are still being copied from a GPU
+
+    def wait(self) -> None:
+        """Block until the streams are on the host."""
+        if self.ready is not None:
+            self.ready.synchronize()
 
     def raw_bytes(self) -> memoryview:
         """The raw value stream on the host."""
         if self.raw is None:
-            self.raw = memoryview(self.raw_on_device.cpu().numpy())
+            self.raw = memoryview(_byte_planes(self.raw_on_device, None).cpu().numpy())
         return self.raw
 
 
@@ -258,10 +265,18 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+def _on_device(values: list[int], device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A small host list as a tensor on ``device`` without waiting for the device's queued work.
+
+    ``torch.tensor(..., device=cuda)`` copies synchronously, which waits for every kernel queued before it; a
+    non-blocking copy from host memory is staged at once and queued behind them instead.
+    """
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def _varint_lengths(v: torch.Tensor) -> torch.Tensor:
     """Bytes each of ``v`` (non-negative int64 [n]) takes as a LEB128 varint, int64 [n]."""
-    steps = torch.tensor(_VARINT_STEPS, dtype=torch.int64, device=v.device)
-    return torch.searchsorted(steps, v, right=True) + 1
+    return torch.searchsorted(_on_device(list(_VARINT_STEPS), v.device), v, right=True) + 1
 
 
 def _varint_stream(v: torch.Tensor, lengths: torch.Tensor, total: int, longest: int) -> torch.Tensor:
@@ -311,35 +326,79 @@ def _pack_bit_array(bits: torch.Tensor) -> torch.Tensor:
     return (bits.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)
 
 
-def _index_summary(indices: torch.Tensor, starts: list[int], bucket_elements: int) -> tuple:
-    """Per-tensor index quantities on the device plus the per-bucket numbers the coding choice needs.
+def _gaps(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gaps int64 [M], their varint lengths int64 [M]) of increasing ``indices`` int64 [M].
 
-    Returns (gaps int64 [M], varint lengths int64 [M], longest varint, rows) where ``rows[b]`` is bucket
-    ``b``'s (first index, last index, first gap, gap-stream bytes), all read back in one device sync.
     A bucket's first gap is relative to the previous bucket's last index, so the whole tensor's gaps are one
     difference with −1 before the first index.
     """
-    device = indices.device
-    count = indices.numel()
     gaps = torch.diff(indices, prepend=indices.new_full((1,), -1)) - 1
-    lengths = _varint_lengths(gaps)
-    ends = torch.tensor([min(s + bucket_elements, count) for s in starts], device=device)
-    firsts = torch.tensor(starts, device=device)
-    bytes_before = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
-    summary = torch.stack(
-        [indices[firsts], indices[ends - 1], gaps[firsts], bytes_before[ends] - bytes_before[firsts]]
+    return gaps, _varint_lengths(gaps)
+
+
+def _index_summary(indices: torch.Tensor, bucket_elements: int) -> torch.Tensor:
+    """int64 [4·B + 2] on the indices' device (B buckets, M ≥ 1 indices): every bucket's first index, then
+    every last index, first gap and gap-stream bytes, then the longest varint and the smallest gap (< 0: the
+    indices do not increase strictly). Queued without waiting; read back with every tensor's at once."""
+    gaps, lengths = _gaps(indices)
+    count = indices.numel()
+    buckets = -(-count // bucket_elements)
+    lasts = indices[bucket_elements - 1 :: bucket_elements]
+    if lasts.numel() < buckets:  # a partial last bucket
+        lasts = torch.cat([lasts, indices[-1:]])
+    if buckets == 1:
+        gap_bytes = lengths.sum().view(1)
+    else:
+        padded = torch.nn.functional.pad(lengths, (0, buckets * bucket_elements - count))
+        gap_bytes = padded.view(buckets, bucket_elements).sum(dim=1)
+    return torch.cat(
+        [
+            indices[::bucket_elements],
+            lasts,
+            gaps[::bucket_elements],
+            gap_bytes,
+            lengths.max().view(1),
+            gaps.min().view(1),
+        ]
     )
-    flat = torch.cat([summary.t().reshape(-1), lengths.max().view(1)]).tolist()
-    return gaps, lengths, flat[-1], [flat[4 * b : 4 * b + 4] for b in range(len(starts))]
+
+
+def _read_small(tensors: list[torch.Tensor | None]) -> list[list[int] | None]:
+    """Small int64 device tensors as host lists: one wait per device for all of them."""
+    by_device: dict[torch.device, list[int]] = {}
+    for position, tensor in enumerate(tensors):
+        if tensor is not None:
+            by_device.setdefault(tensor.device, []).append(position)
+    read: list = [None] * len(tensors)
+    for positions in by_device.values():
+        flat = torch.cat([tensors[p] for p in positions]).tolist()
+        at = 0
+        for position in positions:
+            read[position], at = flat[at : at + tensors[position].numel()], at + tensors[position].numel()
+    return read
+
+
+class _LazyGaps:
+    """The tensor's gaps and their varint lengths (:func:`_gaps`), computed the first time a bucket asks."""
+
+    def __init__(self, indices: torch.Tensor) -> None:
+        self.indices = indices
+        self._computed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._computed is None:
+            self._computed = _gaps(self.indices)
+        gaps, lengths = self._computed
+        return gaps[part], lengths[part]
 
 
 def _encode_indices(
-    indices: torch.Tensor, gaps: torch.Tensor, lengths: torch.Tensor, longest: int, row: list[int]
+    indices: torch.Tensor, gaps: _LazyGaps, part: slice, longest: int, row: list[int]
 ) -> tuple[int, torch.Tensor]:
     """(coding id, uint8 stream on the indices' device) for one bucket's int64 [n ≥ 1] increasing indices.
 
-    ``gaps``/``lengths`` are the bucket's slices of :func:`_index_summary`'s, ``row`` its summary row. The
-    coding whose exact size is smallest wins (ties: gaps, then Elias–Fano).
+    ``gaps(part)`` gives the bucket's gaps and varint lengths, ``row`` is its summary row. The coding whose
+    exact size is smallest wins (ties: gaps, then Elias–Fano).
     """
     first_index, last_index, first_gap, gap_bytes = row
     count = indices.numel()
@@ -349,15 +408,21 @@ def _encode_indices(
     sizes = [gap_bytes, len(prefix) + 1 + ef_bytes, len(prefix) + (span + 1 + 7) // 8]
     coding = (_IDX_GAPS, _IDX_EF, _IDX_BITMAP)[sizes.index(min(sizes))]
     if coding == _IDX_GAPS:
-        return coding, _varint_stream(gaps, lengths, gap_bytes, longest)
+        return coding, _varint_stream(*gaps(part), gap_bytes, longest)
     device = indices.device
+    if coding == _IDX_EF and delta_coding.kernels_apply(indices):
+        low_bytes = packed_len(count, low)
+        stream = delta_coding.elias_fano_bits(
+            indices, first_index, low, [*prefix, low], low_bytes, len(prefix) + 1 + ef_bytes
+        )
+        return coding, stream
     offsets = indices - indices[:1]
     if coding == _IDX_EF:
-        head = torch.tensor([*prefix, low], dtype=torch.uint8, device=device)
+        head = _on_device([*prefix, low], device, torch.uint8)
         return coding, torch.cat([head, _ef_encode(offsets, low, span)])
     bits = torch.zeros(-(-(span + 1) // 8) * 8, dtype=torch.uint8, device=device)
     bits[offsets] = 1
-    head = torch.tensor(list(prefix), dtype=torch.uint8, device=device)
+    head = _on_device(list(prefix), device, torch.uint8)
     return coding, torch.cat([head, _pack_bit_array(bits)])
 
 
@@ -400,6 +465,13 @@ def _decode_indices(
 # ----------------------------------------------------------------------------------------- value coding
 
 
+def _byte_planes(values: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+    """uint8 byte planes of ``values`` (same-width int [n]), or of its zig-zag difference from ``base``."""
+    if delta_coding.kernels_apply(values):
+        return delta_coding.byte_planes(values, base)
+    return _shuffle(values if base is None else _zigzag(values, base))
+
+
 def _shuffle(bits: torch.Tensor) -> torch.Tensor:
     """uint8 byte planes of ``bits`` (contiguous same-width int [n]): every low byte first, then the next …
 
@@ -436,31 +508,32 @@ def _compress(raw: memoryview, level: int) -> tuple[int, bytes | memoryview]:
     return _STORED, raw
 
 
-def _code_tensor(update: _Checked, bucket_elements: int) -> list[_Coded]:
-    """Every bucket's uncompressed streams, coded on the update's device and copied to the host in one go."""
+def _code_tensor(update: _Checked, bucket_elements: int, summary: tuple | None) -> list[_Coded]:
+    """Every bucket's uncompressed streams, coded on the update's device and copied to the host in one go.
+
+    ``summary``: the tensor's (longest varint, bucket rows) from :func:`_summaries` (None when dense).
+    On a GPU nothing here waits for the device: the copy to the host is queued, and each bucket's ``ready``
+    event says when it is done.
+    """
     count = update.values.numel()
-    starts = list(range(0, count, bucket_elements))
+    starts = _starts(update, bucket_elements)
     if not starts:
         return []
-    indices, values = update.indices, update.values
-    zigzag = None if update.base is None else _zigzag(values, update.base)
-    summary = None if indices is None else _index_summary(indices, starts, bucket_elements)
+    indices, values, base = update.indices, update.values, update.base
+    # Only gap coding needs the whole tensor's gaps; at sparse densities Elias–Fano wins and skips them.
+    gaps = _LazyGaps(indices)
     pieces, layout = [], []
     for bucket, first in enumerate(starts):
-        end = min(first + bucket_elements, count)
+        part = slice(first, min(first + bucket_elements, count))
         coding = _IDX_NONE
         if summary is not None:
-            gaps, lengths, longest, rows = summary
-            part = slice(first, end)
-            coding, stream = _encode_indices(indices[part], gaps[part], lengths[part], longest, rows[bucket])
+            longest, rows = summary
+            coding, stream = _encode_indices(indices[part], gaps, part, longest, rows[bucket])
             pieces.append(stream.to(values.device))
-        raw = _shuffle(values[first:end])
-        if zigzag is None:
-            pieces.append(raw)
-        else:
-            pieces.append(_shuffle(zigzag[first:end]))
-        layout.append((first, end - first, coding, None if zigzag is None else raw))
-    host = memoryview(_to_host(torch.cat(pieces)).numpy())
+        pieces.append(_byte_planes(values[part], None if base is None else base[part]))
+        layout.append((first, part.stop - first, coding, None if base is None else values[part]))
+    on_host, ready = _to_host(torch.cat(pieces))
+    host = memoryview(on_host.numpy())
     bounds = [0, *itertools.accumulate(p.numel() for p in pieces)]
     views = iter(host[a:b] for a, b in itertools.pairwise(bounds))
     coded = []
@@ -468,17 +541,25 @@ def _code_tensor(update: _Checked, bucket_elements: int) -> list[_Coded]:
         index = None if coding == _IDX_NONE else next(views)
         values_view = next(views)
         raw, diff = (values_view, None) if raw_on_device is None else (None, values_view)
-        coded.append(_Coded(first, size, coding, index, raw, diff, raw_on_device))
+        coded.append(_Coded(first, size, coding, index, raw, diff, raw_on_device, ready))
     return coded
 
 
-def _to_host(streams: torch.Tensor) -> torch.Tensor:
-    """uint8 ``streams`` on the host; from a GPU through page-locked memory (torch caches those blocks)."""
+def _starts(update: _Checked, bucket_elements: int) -> list[int]:
+    """First element ordinal of each of the update's buckets."""
+    return list(range(0, update.values.numel(), bucket_elements))
+
+
+def _to_host(streams: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """(uint8 ``streams`` on the host, event marking the copy done); from a GPU through page-locked memory
+    (torch caches those blocks), copied asynchronously, so the next tensor's coding is queued meanwhile."""
     if streams.device.type != "cuda":
-        return streams
+        return streams, None
     host = torch.empty(streams.shape, dtype=streams.dtype, pin_memory=True)
-    host.copy_(streams)  # synchronous from pinned memory: faster than a pageable copy
-    return host
+    host.copy_(streams, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 def _compress_bucket(coded: _Coded, level: int, width: int) -> tuple[_Bucket, bytes, bytes]:
@@ -487,6 +568,7 @@ def _compress_bucket(coded: _Coded, level: int, width: int) -> tuple[_Bucket, by
     Values are sent diff-coded when a base was given and its stored stream is at most half the raw bytes, or
     else strictly smaller than the compressed raw stream; varint index streams are compressed, others stored.
     """
+    coded.wait()
     index_raw, index_compressor, index_stored = 0, _STORED, b""
     if coded.index is not None:
         index_raw = len(coded.index)
@@ -543,20 +625,46 @@ def _checked_bits(name: str, field: str, t: object, bits_dtype: torch.dtype, cou
     return t.detach().contiguous()
 
 
-def _checked_indices(name: str, indices: object, numel: int) -> torch.Tensor:
-    """``indices`` checked to be int64 [M] strictly increasing in [0, numel) (one device sync)."""
+def _checked_indices(name: str, indices: object) -> torch.Tensor:
+    """``indices`` checked to be an int64 [M] tensor (their values are checked by :func:`_summaries`)."""
     if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64 or indices.dim() != 1:
         found = f"{indices.dtype} {tuple(indices.shape)}" if isinstance(indices, torch.Tensor) else indices
         raise ValueError(f"tensor {name!r}: indices are {found}, must be int64 [M]; cast/flatten them")
-    indices = indices.detach().contiguous()
-    if indices.numel() and not bool(
-        (indices[0] >= 0) & (indices[-1] < numel) & (indices[1:] > indices[:-1]).all()
-    ):
-        raise ValueError(
-            f"tensor {name!r}: indices must be strictly increasing flat positions in [0, {numel}); "
-            "sort them and drop duplicates"
+    return indices.detach().contiguous()
+
+
+def _summaries(checked: list[_Checked], bucket_elements: int) -> list[tuple | None]:
+    """Per update: its indices checked, and (longest varint, bucket rows) of :func:`_index_summary` (None when
+    dense or empty). Raises ValueError for indices that are not strictly increasing within the tensor.
+
+    Both need a few numbers from the indices' device; reading every tensor's at once is encoding's only wait
+    for the device (a wait per tensor cost ~0.8 ms each on an H100).
+    """
+    sparse = [u.indices is not None and u.indices.numel() > 0 for u in checked]
+    read = _read_small(
+        [
+            _index_summary(u.indices, bucket_elements) if has else None
+            for u, has in zip(checked, sparse, strict=True)
+        ]
+    )
+    summaries = []
+    for update, values in zip(checked, read, strict=True):
+        if values is None:
+            summaries.append(None)
+            continue
+        buckets = (len(values) - 2) // 4
+        firsts, lasts, first_gaps, gap_bytes = (values[k * buckets : (k + 1) * buckets] for k in range(4))
+        longest, smallest_gap = values[-2:]
+        numel = int(np.prod(update.shape, dtype=object))
+        if smallest_gap < 0 or lasts[-1] >= numel:
+            raise ValueError(
+                f"tensor {update.name!r}: indices must be strictly increasing flat positions in [0, {numel}); "
+                "sort them and drop duplicates"
+            )
+        summaries.append(
+            (longest, [list(row) for row in zip(firsts, lasts, first_gaps, gap_bytes, strict=True)])
         )
-    return indices
+    return summaries
 
 
 def _check_update(update: TensorUpdate, needs_self_contained: bool) -> _Checked:
@@ -566,7 +674,7 @@ def _check_update(update: TensorUpdate, needs_self_contained: bool) -> _Checked:
     bits_dtype = _bits_dtype(update.dtype)
     shape = _check_shape(name, update.shape)
     numel = int(np.prod(shape, dtype=object))
-    indices = None if update.indices is None else _checked_indices(name, update.indices, numel)
+    indices = None if update.indices is None else _checked_indices(name, update.indices)
     count = numel if indices is None else indices.numel()
     values = _checked_bits(name, "values", update.values, bits_dtype, count)
     base = None
@@ -637,10 +745,11 @@ def encode(
     _check_encode_args(len(updates), version, base_version, level, bucket_elements, threads)
     checked = [_check_update(u, anchor or base_version is None) for u in updates]
     per_tensor: list[list] = []
+    summaries = _summaries(checked, bucket_elements)
     with ThreadPoolExecutor(max_workers=threads) if threads > 0 else nullcontext() as pool:
-        for update in checked:
+        for update, summary in zip(checked, summaries, strict=True):
             compress = partial(_compress_bucket, level=level, width=update.values.element_size())
-            coded = _code_tensor(update, bucket_elements)
+            coded = _code_tensor(update, bucket_elements, summary)
             per_tensor.append([compress(c) if pool is None else pool.submit(compress, c) for c in coded])
         if pool is not None:
             per_tensor = [[future.result() for future in parts] for parts in per_tensor]
