@@ -11,6 +11,9 @@ elements at random positions by 1–3 ulps. Timed (CUDA-synchronised wall clock,
 - digests: the per-tensor digest updates from the changed elements only;
 - encode: :func:`sparsetron.sync.codec.encode` of the device-resident changes (index and value streams built
   on the GPU, only the coded streams copied to the host, zstd on ``--threads`` host threads);
+- apply: a :class:`~sparsetron.sync.subscriber.DeltaSubscriber` whose weights are a second GPU copy at the
+  previous version (a rollout worker) applies the payload: decoding on the host, then the pause, in which
+  the changes are swapped into the GPU tensors and every tensor's digest is checked; checked bit-exact.
 
     python3 benchmarks/weight_sync_gpu.py [--tensors 30] [--density 0.01]
 """
@@ -29,6 +32,7 @@ import torch
 
 from sparsetron.sync.codec import TensorUpdate, bits_view, encode, payload_stats
 from sparsetron.sync.digest import updated_digest
+from sparsetron.sync.subscriber import DeltaSubscriber
 from sparsetron.sync.tracker import ChangeTracker
 
 ELEMENTS = 1 << 28
@@ -87,7 +91,10 @@ def main() -> None:
     initial_digest_s, tracker = _timed(ChangeTracker, state)
     _mutate(state, args.density, generator)
 
-    detect_times, anchor_times, digest_times, encode_times = [], [], [], []
+    # The rollout worker: its own GPU copy of the weights at the version before, and that version's digests.
+    rollout = {name: bits.view(torch.bfloat16).clone() for name, bits in tracker.published.items()}
+    subscriber = DeltaSubscriber(rollout)
+    detect_times, anchor_times, digest_times, encode_times, apply_reports = [], [], [], [], []
     for _ in range(args.reps):
         seconds, found = _timed(tracker.find_changes, state)
         detect_times.append(seconds)
@@ -105,8 +112,19 @@ def main() -> None:
             bucket_elements=args.bucket_elements,
         )  # fmt: skip
         encode_times.append(time.perf_counter() - started)
+        for name, bits in tracker.published.items():  # back to the version before
+            bits_view(rollout[name]).copy_(bits)
+        subscriber.version, subscriber.publisher, subscriber.digests = 0, "bench", dict(tracker.digests)
+        torch.cuda.synchronize()
+        apply_reports.append(subscriber.apply([payload], "bench"))
+        torch.cuda.synchronize()
+    exact = all(torch.equal(bits_view(rollout[name]), bits_view(t)) for name, t in state.items())
     detect_s, anchor_s, digest_s, encode_s = (
         sorted(t)[len(t) // 2] for t in (detect_times, anchor_times, digest_times, encode_times)
+    )
+    ready_s, pause_s = (
+        sorted(getattr(r, key) for r in apply_reports)[len(apply_reports) // 2]
+        for key in ("ready_s", "pause_s")
     )
     if args.profile:
         profiler = cProfile.Profile()
@@ -131,6 +149,10 @@ def main() -> None:
         "torch_detect_GBps": 2 * numel / anchor_s / 1e9,
         "digest_s": digest_s,
         "encode_s": encode_s,
+        "apply_decode_s": ready_s,
+        "apply_pause_s": pause_s,
+        "apply_threads": subscriber.threads,
+        "apply_exact": exact,
         "payload_bytes": len(payload),
         "bits_per_changed": 8 * len(payload) / changed,
         "ratio_vs_bf16": 2 * numel / len(payload),
@@ -139,14 +161,15 @@ def main() -> None:
         args.out.write_text(json.dumps(result, indent=2))
     print(
         "| params | changed | detect | GB/s scanned | torch anchor GB/s | ratio | digests | encode | payload "
-        "| bits/change | ×bf16 |"
+        "| bits/change | ×bf16 | apply: decode | apply: pause | exact |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(
         f"| {numel / 1e9:.2f} B | {changed / numel:.2%} | {detect_s * 1e3:.1f} ms | {result['detect_GBps']:.0f} | "
         f"{result['torch_detect_GBps']:.0f} | {anchor_s / detect_s:.2f}× | "
         f"{digest_s * 1e3:.0f} ms | {encode_s * 1e3:.0f} ms | {len(payload) / 2**20:.0f} MiB | "
-        f"{result['bits_per_changed']:.1f} | {result['ratio_vs_bf16']:.0f} |"
+        f"{result['bits_per_changed']:.1f} | {result['ratio_vs_bf16']:.0f} | {ready_s * 1e3:.0f} ms "
+        f"({subscriber.threads} threads) | {pause_s * 1e3:.0f} ms | {exact} |"
     )
 
 
