@@ -204,13 +204,15 @@ class DeltaSubscriber:
             if (self.digests[update.name] + delta) & _U64 != update.digest:
                 failed.append(update.name)
 
+        def unswap(name: str) -> None:
+            restore(bits_view(self.tensors[name]).reshape(-1), pending[name].indices, undo[name])
+
         futures = [pool.submit(swap, update) for update in pending.values()]
         errors = [future.exception() for future in futures]
         error = next((e for e in errors if e is not None), None)
         if error is None and not failed:
             return
-        list(pool.map(lambda name: restore(bits_view(self.tensors[name]).reshape(-1),
-                                           pending[name].indices, undo[name]), undo))  # fmt: skip
+        list(pool.map(unswap, undo))
         if error is not None:
             raise error
         raise IntegrityError(
@@ -359,12 +361,11 @@ class _Application:
                 if not self.started_current:
                     self._check_base(header)
                     self.started_current = True
+                # A single delta's sparse tensors wait for the pause to meet the live bits (see .swap).
                 single = self.expected == 1 and self.snapshot is None
-                self.jobs += [
-                    self.pool.submit(self._pending_job if single and not record.dense else self._delta_job,
-                                     reader, record)
-                    for record in ready
-                ]  # fmt: skip
+                for record in ready:
+                    job = self._pending_job if single and not record.dense else self._delta_job
+                    self.jobs.append(self.pool.submit(job, reader, record))
                 if not reader.complete or not (wait or all(job.done() for job in self.jobs)):
                     return
                 for job in self.jobs:
