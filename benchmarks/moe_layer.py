@@ -38,10 +38,12 @@ LAYERS = {
 }
 
 
-def build_layer(name: str, ep_mesh=None, chunks: int = 1) -> MoE:
-    dim, ffn, experts, top_k, shared, router, options, skew = LAYERS[name]
+def make_moe(spec: tuple, device: str | torch.device, dtype: torch.dtype) -> MoE:
+    """The MoE layer of a :data:`LAYERS`-style ``spec`` on ``device``: seed 0 (the same on every rank),
+    weights in ``dtype`` (buffers such as the fp32 expert bias keep theirs), router skewed; not sharded."""
+    dim, ffn, experts, top_k, shared, router, options, skew = spec
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         moe = MoE(
             dim,
             ffn,
@@ -53,9 +55,14 @@ def build_layer(name: str, ep_mesh=None, chunks: int = 1) -> MoE:
             aux_loss="switch",
             router_options=options,
         )
-    for param in moe.parameters():  # bf16 weights; buffers (the fp32 expert bias) keep their dtype
-        param.data = param.data.to(torch.bfloat16)
+    for param in moe.parameters():
+        param.data = param.data.to(dtype)
     skew_router(moe, skew)
+    return moe
+
+
+def build_layer(name: str, ep_mesh=None, chunks: int = 1) -> MoE:
+    moe = make_moe(LAYERS[name], "cuda", torch.bfloat16)
     if ep_mesh is not None:
         moe.enable_expert_parallel(ep_mesh, overlap_chunks=chunks)
     return moe

@@ -73,9 +73,9 @@ from moe_layer import (
     build_layer,
     exposed_comm_share,
     layer_flops,
+    make_moe,
     make_tokens,
     nccl_all_to_all_busbw,
-    skew_router,
 )
 from sparse_cp import BLOCK, HKV, KINDS, measure_sparse, sparse_step
 from sparse_inputs import calibrated, estimate
@@ -632,29 +632,13 @@ def ep_mesh(world: int, device: str):
 
 
 def balancer_moe(spec: tuple, balancer: str, shape: Shape) -> MoE:
-    """The layer of ``spec`` with ``balancer``'s router, built as ``moe_layer.build_layer`` builds its layers
-    (same seed on every rank, parameters in ``shape.dtype``, buffers kept, router skewed); not yet sharded."""
+    """The layer of ``spec`` with ``balancer``'s router, built by ``moe_layer.make_moe`` (same seed on every
+    rank, parameters in ``shape.dtype``, buffers kept, router skewed); not yet sharded."""
     dim, ffn, experts, top_k, shared, _, options, skew = spec
     router, extra, _ = BALANCERS[balancer]
     # Group-limited routing is a top-k rule; expert choice has no per-token groups.
     options = ({} if router == "expert_choice" else dict(options)) | extra
-    torch.manual_seed(0)
-    with torch.device(shape.device):
-        moe = MoE(
-            dim,
-            ffn,
-            experts,
-            top_k,
-            router=router,
-            shared_ffn_dim=shared,
-            shared_gate=False,
-            aux_loss="switch",
-            router_options=options,
-        )
-    for param in moe.parameters():
-        param.data = param.data.to(shape.dtype)
-    skew_router(moe, skew)
-    return moe
+    return make_moe((dim, ffn, experts, top_k, shared, router, options, skew), shape.device, shape.dtype)
 
 
 def token_batch(tokens: int, dim: int, seed: int, shape: Shape) -> torch.Tensor:
