@@ -233,6 +233,31 @@ def _measure(intervals) -> float:
     return sum(e - s for s, e in intervals)
 
 
+def dispatch_bandwidth(moe: MoE, x: torch.Tensor, group, reps: int) -> float:
+    """GB/s of the dispatch all-to-all alone, with this routing's split sizes: the busiest rank's off-rank
+    bytes (the larger direction; links are full duplex) over the slowest rank's median time."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    tokens, dim = x.shape[1], x.shape[2]
+    with torch.no_grad():
+        route = moe.router(x.view(tokens, dim))
+        send = torch.bincount(route.expert_N, minlength=moe.num_experts).view(world, -1).sum(dim=1)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=group)
+    send_splits, recv_splits = send.tolist(), recv.tolist()
+    payload = x.detach().view(tokens, dim)[route.token_N]
+    received = payload.new_empty(sum(recv_splits), dim)
+    seconds = median_seconds(
+        lambda: dist.all_to_all_single(received, payload, recv_splits, send_splits, group=group),
+        reps,
+        barrier=True,
+        warmup=3,
+    )
+    off_rank = max(sum(send_splits) - send_splits[rank], sum(recv_splits) - recv_splits[rank])
+    worst = torch.tensor([off_rank * dim * x.element_size(), seconds], dtype=torch.float64, device=x.device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
+    return float(worst[0] / worst[1]) / 1e9
+
+
 def expert_parallel(name: str, tokens: int, reps: int, mesh, chunks: int) -> dict:
     group = mesh.get_group()
     rank = dist.get_rank()
@@ -253,25 +278,7 @@ def expert_parallel(name: str, tokens: int, reps: int, mesh, chunks: int) -> dic
     kept = stats.tokens_per_expert_E.clone()
     dist.all_reduce(kept, group=group)
     skew = float(kept.max() / kept.mean())
-    # The dispatch all-to-all alone, with the split sizes this routing produces.
-    moe.dispatcher.sent_bytes = 0
-    with torch.no_grad():
-        route = moe.router(x.view(tokens, dim))
-        counts = torch.bincount(route.expert_N, minlength=moe.num_experts).view(2, -1).sum(1)
-        recv = torch.empty_like(counts)
-        dist.all_to_all_single(recv, counts, group=group)
-        send_splits, recv_splits = counts.tolist(), recv.tolist()
-    payload = x.detach().view(tokens, dim)[route.token_N]
-    received = payload.new_empty(sum(recv_splits), dim)
-    a2a_s = median_seconds(
-        lambda: dist.all_to_all_single(received, payload, recv_splits, send_splits, group=group),
-        reps,
-        barrier=True,
-        warmup=3,
-    )
-    # NVLink is full duplex: the transfer takes as long as the larger direction.
-    off_rank = max(send_splits[1 - rank], recv_splits[1 - rank]) * dim * 2
-    busbw = off_rank / a2a_s / 1e9
+    busbw = dispatch_bandwidth(moe, x, group, reps)
     exposed_s, traced_s = exposed_comm_share(step)
     # NCCL kernels on the less-loaded rank also spin while the busier rank still computes (load imbalance,
     # not transfer); the busier rank's exposed share is the communication the layer really waits for.

@@ -71,6 +71,7 @@ from cuda_timing import median_seconds
 from moe_layer import (
     LAYERS,
     build_layer,
+    dispatch_bandwidth,
     exposed_comm_share,
     layer_flops,
     make_moe,
@@ -713,31 +714,6 @@ def balance(spec: tuple, balancer: str, mesh, args: argparse.Namespace, shape: S
         "expert_load": float(load_E.max() / load_E.mean()),
         "routed_copies": routed,
     }
-
-
-def dispatch_bandwidth(moe: MoE, x: torch.Tensor, group, reps: int) -> float:
-    """GB/s of the dispatch all-to-all alone, with this routing's split sizes: the busiest rank's off-rank
-    bytes (the larger direction; links are full duplex) over the slowest rank's median time."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    tokens, dim = x.shape[1], x.shape[2]
-    with torch.no_grad():
-        route = moe.router(x.view(tokens, dim))
-        send = torch.bincount(route.expert_N, minlength=moe.num_experts).view(world, -1).sum(dim=1)
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=group)
-    send_splits, recv_splits = send.tolist(), recv.tolist()
-    payload = x.detach().view(tokens, dim)[route.token_N]
-    received = payload.new_empty(sum(recv_splits), dim)
-    seconds = median_seconds(
-        lambda: dist.all_to_all_single(received, payload, recv_splits, send_splits, group=group),
-        reps,
-        barrier=True,
-        warmup=3,
-    )
-    off_rank = max(sum(send_splits) - send_splits[rank], sum(recv_splits) - recv_splits[rank])
-    worst = torch.tensor([off_rank * dim * x.element_size(), seconds], dtype=torch.float64, device=x.device)
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
-    return float(worst[0] / worst[1]) / 1e9
 
 
 def ep_row(name: str, mesh, nccl: float, args: argparse.Namespace) -> dict:
